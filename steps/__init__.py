@@ -1,0 +1,1 @@
+"""posttrain's step logic: plain Python, importable without Metaflow."""

@@ -1,0 +1,355 @@
+"""The recipe: a tree of dataclasses, loaded from YAML (or a dict), validated on construction.
+
+Every field has a default, so an empty recipe is the embedded default. Unknown keys and bad
+values raise ``ValueError`` naming the field by its dotted path::
+
+    >>> recipe_from_dict({"train": {"lr": -1}})
+    Traceback (most recent call last):
+    ValueError: recipe field 'train.lr' must be > 0, got -1
+    >>> recipe_from_dict({"trian": {}})
+    Traceback (most recent call last):
+    ValueError: recipe has unknown field 'trian' (known: data, evaluate, ...)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A recipe field is unknown or holds a bad value. The message names the field."""
+
+
+def _check(ok: bool, path: str, requirement: str, value: Any) -> None:
+    if not ok:
+        raise RecipeError(f"recipe field '{path}' must be {requirement}, got {value!r}")
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    base: str = "builtin:tiny-llama"
+    """Base model: ``builtin:tiny-llama`` (built offline), a local folder, or a Hugging Face id."""
+    trust_remote_code: bool = False
+    """Run model code shipped with the checkpoint. Off unless you trust the source."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel passed to transformers (``sdpa``, ``eager``, ``flash_attention_2``)."""
+
+    def validate(self, path: str) -> None:
+        _check(bool(self.base.strip()), f"{path}.base", "a non-empty model name", self.base)
+        _check(
+            self.attn_implementation in ("sdpa", "eager", "flash_attention_2", "flex_attention"),
+            f"{path}.attn_implementation",
+            "one of sdpa, eager, flash_attention_2, flex_attention",
+            self.attn_implementation,
+        )
+
+
+@dataclass(kw_only=True, slots=True)
+class SourceConfig:
+    uri: str
+    """``builtin:catalog``, a local path or ``s3://`` URI of JSONL / Parquet data."""
+    weight: float = 1.0
+    """Relative sampling weight of this source (1.0 = take every record once)."""
+
+    def validate(self, path: str) -> None:
+        _check(bool(self.uri.strip()), f"{path}.uri", "a non-empty URI", self.uri)
+        _check(self.weight > 0, f"{path}.weight", "> 0", self.weight)
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig(uri="builtin:catalog")])
+    """Where the conversations come from."""
+    builtin_num_conversations: int = 12000
+    """How many conversations ``builtin:catalog`` generates."""
+    eval_fraction: float = 0.05
+    """Share of conversations held out for evaluation, chosen by a hash of their content."""
+    max_reject_fraction: float = 0.05
+    """Fail ingest if more than this share of records is invalid."""
+    max_record_bytes: int = 1_000_000
+    """Records larger than this (serialized) are rejected as oversize."""
+    records_per_shard: int = 50_000
+    """Conversations per Parquet shard."""
+
+    def validate(self, path: str) -> None:
+        _check(len(self.sources) > 0, f"{path}.sources", "a non-empty list", self.sources)
+        for i, source in enumerate(self.sources):
+            source.validate(f"{path}.sources[{i}]")
+        _check(self.builtin_num_conversations > 0, f"{path}.builtin_num_conversations", "> 0",
+               self.builtin_num_conversations)
+        _check(0 < self.eval_fraction < 1, f"{path}.eval_fraction", "in (0, 1)", self.eval_fraction)
+        _check(0 <= self.max_reject_fraction <= 1, f"{path}.max_reject_fraction", "in [0, 1]",
+               self.max_reject_fraction)
+        _check(self.max_record_bytes > 0, f"{path}.max_record_bytes", "> 0", self.max_record_bytes)
+        _check(self.records_per_shard > 0, f"{path}.records_per_shard", "> 0", self.records_per_shard)
+
+
+@dataclass(kw_only=True, slots=True)
+class TokenizeConfig:
+    max_seq_tokens: int = 256
+    """Length of a packed row, and so the longest conversation that is kept."""
+    truncation: Literal["drop", "turn"] = "drop"
+    """Over-long conversations: ``drop`` them, or cut at the last assistant turn that fits."""
+
+    def validate(self, path: str) -> None:
+        _check(self.max_seq_tokens >= 8, f"{path}.max_seq_tokens", ">= 8", self.max_seq_tokens)
+        _check(self.truncation in ("drop", "turn"), f"{path}.truncation", "'drop' or 'turn'",
+               self.truncation)
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    num_nodes: int = 1
+    """Metaflow @parallel nodes; each runs torchrun with nproc_per_node ranks."""
+    nproc_per_node: int = 1
+    """torchrun ranks per node (GPUs per node on GPU machines)."""
+    strategy: Literal["ddp"] = "ddp"
+    """Data-parallel strategy. ``ddp`` now; FSDP2 and DeepSpeed ZeRO are planned."""
+    finetune: Literal["full"] = "full"
+    """``full`` fine-tuning (LoRA is planned)."""
+    micro_batch_tokens: int = 4096
+    """Tokens per packed micro-batch on one rank (a multiple of tokenize.max_seq_tokens)."""
+    global_batch_tokens: int = 4096
+    """Tokens per optimizer step over all ranks; gradient accumulation is derived from it."""
+    max_steps: int = 400
+    """Optimizer steps to run. The data is repeated (reshuffled per epoch) if needed."""
+    lr: float = 2e-3
+    """Peak learning rate of AdamW."""
+    min_lr_ratio: float = 0.1
+    """The cosine schedule decays to lr * min_lr_ratio."""
+    warmup_steps: int = 20
+    """Linear warmup steps before the cosine decay."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 disables)."""
+    save_every_steps: int = 100
+    """Write a checkpoint every this many steps (and always at the last step)."""
+    log_every_steps: int = 10
+    """Print loss, tokens/s and ETA every this many steps."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Compute dtype: ``auto`` is fp32 on CPU and bf16 autocast on GPU."""
+    num_threads: int = 0
+    """torch intra-op threads per rank on CPU (0 = cores / local ranks)."""
+    fail_at_step: int | None = None
+    """Failure injection for tests: raise after this optimizer step (before it is saved)."""
+
+    def validate(self, path: str) -> None:
+        for name in ("num_nodes", "nproc_per_node", "micro_batch_tokens", "global_batch_tokens",
+                     "max_steps", "save_every_steps", "log_every_steps"):
+            _check(getattr(self, name) > 0, f"{path}.{name}", "> 0", getattr(self, name))
+        _check(self.strategy in ("ddp",), f"{path}.strategy", "'ddp'", self.strategy)
+        _check(self.finetune in ("full",), f"{path}.finetune", "'full'", self.finetune)
+        _check(self.lr > 0, f"{path}.lr", "> 0", self.lr)
+        _check(0 <= self.min_lr_ratio <= 1, f"{path}.min_lr_ratio", "in [0, 1]", self.min_lr_ratio)
+        _check(self.warmup_steps >= 0, f"{path}.warmup_steps", ">= 0", self.warmup_steps)
+        _check(self.weight_decay >= 0, f"{path}.weight_decay", ">= 0", self.weight_decay)
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{path}.betas",
+               "two numbers in [0, 1)", self.betas)
+        _check(self.grad_clip >= 0, f"{path}.grad_clip", ">= 0", self.grad_clip)
+        _check(self.dtype in ("auto", "float32", "bfloat16"), f"{path}.dtype",
+               "'auto', 'float32' or 'bfloat16'", self.dtype)
+        _check(self.num_threads >= 0, f"{path}.num_threads", ">= 0", self.num_threads)
+        _check(self.fail_at_step is None or self.fail_at_step > 0, f"{path}.fail_at_step",
+               "null or > 0", self.fail_at_step)
+
+
+@dataclass(kw_only=True, slots=True)
+class EvaluateConfig:
+    evaluators: list[str] = field(default_factory=lambda: ["builtin:catalog"])
+    """Task evaluators: ``builtin:catalog`` or a ``package.module:function`` callable."""
+    num_task_prompts: int = 200
+    """Held-out requests answered by greedy generation for the task metrics."""
+    max_new_tokens: int = 48
+    """Generation length limit per answer."""
+    generation_batch_size: int = 64
+    """Prompts per generate() call (left-padded, KV cache)."""
+    select_metric: str = "task_score"
+    """Metric that picks the best checkpoint (and gates promotion)."""
+    select_mode: Literal["max", "min"] = "max"
+    """Whether larger (``max``) or smaller (``min``) values of select_metric are better."""
+    eval_baseline: bool = True
+    """Also score the base model, as the baseline."""
+
+    def validate(self, path: str) -> None:
+        for i, spec in enumerate(self.evaluators):
+            _check(spec.startswith("builtin:") or ":" in spec, f"{path}.evaluators[{i}]",
+                   "'builtin:NAME' or 'module:function'", spec)
+        for name in ("num_task_prompts", "max_new_tokens", "generation_batch_size"):
+            _check(getattr(self, name) > 0, f"{path}.{name}", "> 0", getattr(self, name))
+        _check(bool(self.select_metric), f"{path}.select_metric", "a metric name", self.select_metric)
+        _check(self.select_mode in ("max", "min"), f"{path}.select_mode", "'max' or 'min'",
+               self.select_mode)
+
+
+@dataclass(kw_only=True, slots=True)
+class RegisterConfig:
+    model_name: str = "catalog-assistant"
+    """Registry name under which versions are published."""
+    registry_root: str | None = None
+    """Registry location; default ``<storage>/registry``."""
+
+    def validate(self, path: str) -> None:
+        _check(bool(self.model_name), f"{path}.model_name", "a non-empty name", self.model_name)
+
+
+@dataclass(kw_only=True, slots=True)
+class PromoteConfig:
+    metric: str = "task_score"
+    """Metric compared between the new version and the current champion."""
+    mode: Literal["max", "min"] = "max"
+    """Whether larger (``max``) or smaller (``min``) values of the metric are better."""
+    min_delta: float = 0.0
+    """The new version must beat the champion by at least this much to take the alias."""
+    alias: str = "champion"
+    """The alias that the gate moves."""
+
+    def validate(self, path: str) -> None:
+        _check(bool(self.metric), f"{path}.metric", "a metric name", self.metric)
+        _check(self.mode in ("max", "min"), f"{path}.mode", "'max' or 'min'", self.mode)
+        _check(self.min_delta >= 0, f"{path}.min_delta", ">= 0", self.min_delta)
+        _check(bool(self.alias), f"{path}.alias", "a non-empty alias", self.alias)
+
+
+@dataclass(kw_only=True, slots=True)
+class Recipe:
+    name: str = "sft-tiny"
+    """A label for this recipe, recorded in lineage."""
+    seed: int = 0
+    """Seeds data order, initialisation of new parameters, and dropout."""
+    storage: str | None = None
+    """Root for data, tokens, checkpoints: a folder (default ``$POSTTRAIN_STORAGE`` or ``./.posttrain``)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    register: RegisterConfig = field(default_factory=RegisterConfig)
+    promote: PromoteConfig = field(default_factory=PromoteConfig)
+
+    def __post_init__(self) -> None:
+        self.model.validate("model")
+        self.data.validate("data")
+        self.tokenize.validate("tokenize")
+        self.train.validate("train")
+        self.evaluate.validate("evaluate")
+        self.register.validate("register")
+        self.promote.validate("promote")
+        t = self.train
+        _check(t.micro_batch_tokens % self.tokenize.max_seq_tokens == 0, "train.micro_batch_tokens",
+               f"a multiple of tokenize.max_seq_tokens ({self.tokenize.max_seq_tokens})",
+               t.micro_batch_tokens)
+        _check(t.global_batch_tokens % t.micro_batch_tokens == 0, "train.global_batch_tokens",
+               f"a multiple of train.micro_batch_tokens ({t.micro_batch_tokens})", t.global_batch_tokens)
+
+    @property
+    def storage_root(self) -> str:
+        """The resolved storage root (recipe, then ``$POSTTRAIN_STORAGE``, then ``./.posttrain``)."""
+        root = self.storage or os.environ.get("POSTTRAIN_STORAGE") or ".posttrain"
+        return str(Path(root).expanduser().resolve())
+
+    @property
+    def registry_root(self) -> str:
+        return self.register.registry_root or str(Path(self.storage_root) / "registry")
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    """Build dataclass ``cls`` from ``data``, rejecting unknown keys with their dotted path."""
+    if isinstance(data, cls):
+        return data
+    label = path or "recipe"
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe field '{label}' must be a mapping, got {data!r}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        where = f"'{path}.{unknown[0]}'" if path else f"'{unknown[0]}'"
+        raise RecipeError(f"recipe has unknown field {where} (known: {', '.join(sorted(known))})")
+    hints = typing.get_type_hints(cls)
+    kwargs = {name: _coerce(hints[name], value, f"{path}.{name}" if path else name)
+              for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # a required field is missing
+        raise RecipeError(f"recipe section '{label}': {err}") from None
+
+
+def _coerce(hint: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, path)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, path) if len(inner) == 1 else value
+    if origin is list:
+        if not isinstance(value, list):
+            raise RecipeError(f"recipe field '{path}' must be a list, got {value!r}")
+        return [_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise RecipeError(f"recipe field '{path}' must be a list of {len(args)}, got {value!r}")
+        return tuple(_coerce(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin is Literal:
+        if value not in args:
+            raise RecipeError(f"recipe field '{path}' must be one of {list(args)}, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"recipe field '{path}' must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(f"recipe field '{path}' must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"recipe field '{path}' must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise RecipeError(f"recipe field '{path}' must be a string, got {value!r}")
+        return value
+    return value
+
+
+def recipe_from_dict(data: dict | None) -> Recipe:
+    """Parse a (possibly partial) recipe mapping; missing fields take their defaults."""
+    return _build(Recipe, data or {}, "")
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Load a YAML recipe file."""
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f)
+    return recipe_from_dict(data)
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    """The recipe as plain JSON-able data (for lineage, manifests and the train subprocess)."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(dataclasses.asdict(recipe))
+
+
+def warn_ignored(path: str, reason: str) -> None:
+    """Warn that a setting has no effect in this context (never silently ignore it)."""
+    warnings.warn(f"recipe field '{path}' is ignored: {reason}", stacklevel=2)

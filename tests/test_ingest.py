@@ -1,0 +1,119 @@
+"""Ingestion: normalization, reject reasons, dedup, a split that is stable when data is appended."""
+
+import gzip
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from steps.config import recipe_from_dict
+from steps.ingest import (InvalidRecord, TooManyRejects, conversation_id, ingest, normalize_record,
+                          read_conversations, split_of)
+
+GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+
+
+def test_three_record_shapes_normalize_to_one_schema():
+    expected = [{"role": "user", "content": "hi", "train": True},
+                {"role": "assistant", "content": "hello", "train": True}]
+    assert normalize_record(GOOD) == expected
+    assert normalize_record({"prompt": "hi", "completion": "hello"}) == expected
+    assert normalize_record({"conversations": [{"from": "human", "value": "hi"},
+                                               {"from": "gpt", "value": "hello"}]}) == expected
+
+
+def test_train_false_is_kept_on_the_message():
+    record = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "train": False},
+                           {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}
+    assert [m["train"] for m in normalize_record(record)] == [True, False, True, True]
+
+
+@pytest.mark.parametrize("record, reason", [
+    ({"messages": [{"role": "wizard", "content": "x"}, {"role": "assistant", "content": "y"}]}, "unknown_role"),
+    ({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "y"}]}, "non_string_content"),
+    ({"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "y"}]}, "empty_content"),
+    ({"messages": [{"role": "user", "content": "x"}]}, "no_assistant_turn"),
+    ({"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]}, "ends_without_assistant"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "train": False}]},
+     "no_trained_turn"),
+    ({"text": "hello"}, "unknown_shape"),
+    (["not", "a", "dict"], "not_an_object"),
+])
+def test_invalid_records_name_their_reason(record, reason):
+    with pytest.raises(InvalidRecord) as err:
+        normalize_record(record)
+    assert err.value.reason == reason
+
+
+def _recipe(tmp_path, uris, **data):
+    return recipe_from_dict({"storage": str(tmp_path / "store"),
+                             "data": {"sources": [{"uri": u} for u in uris], "eval_fraction": 0.3, **data}})
+
+
+def _write_jsonl(path, lines):
+    with open(path, "wb") as f:
+        for line in lines:
+            f.write(line if isinstance(line, bytes) else (json.dumps(line) + "\n").encode())
+    return str(path)
+
+
+def _conversations(n, start=0):
+    return [{"messages": [{"role": "user", "content": f"question {i}"},
+                          {"role": "assistant", "content": f"answer {i}"}]} for i in range(start, start + n)]
+
+
+def test_rejects_are_written_with_source_line_and_reason_and_nothing_valid_is_lost(tmp_path):
+    lines = _conversations(10) + [b"{not json\n", b"\xff\xfe{}\n", {"messages": [{"role": "user", "content": "q"}]},
+                                  _conversations(1)[0]]  # the last one duplicates conversation 0
+    uri = _write_jsonl(tmp_path / "d.jsonl", lines)
+    manifest = ingest(_recipe(tmp_path, [uri], max_reject_fraction=0.5), str(tmp_path / "run"))
+    rejects = [json.loads(l) for l in open(manifest["rejects_uri"])]
+    assert [(r["position"], r["reason"]) for r in rejects] == [
+        (11, "malformed_json"), (12, "invalid_utf8"), (13, "no_assistant_turn")]
+    assert all(r["source"] == uri for r in rejects)
+    assert manifest["reject_reasons"] == {"invalid_utf8": 1, "malformed_json": 1, "no_assistant_turn": 1}
+    assert manifest["num_duplicates"] == 1 and manifest["num_valid"] == 10 and manifest["num_records_read"] == 14
+    kept = [r for s in ("train", "eval") for r in read_conversations(manifest["splits"][s]["uris"])]
+    assert sorted(r["messages"][0]["content"] for r in kept) == sorted(f"question {i}" for i in range(10))
+
+
+def test_too_many_rejects_fail_the_step_with_a_clear_message(tmp_path):
+    uri = _write_jsonl(tmp_path / "d.jsonl", _conversations(3) + [b"{bad\n"] * 2)
+    with pytest.raises(TooManyRejects, match=r"2 of 5 records \(40.0%\) were rejected.*malformed_json: 2"):
+        ingest(_recipe(tmp_path, [uri], max_reject_fraction=0.1), str(tmp_path / "run"))
+
+
+def test_split_is_stable_when_data_is_appended(tmp_path):
+    first = _write_jsonl(tmp_path / "a.jsonl", _conversations(200))
+    more = _write_jsonl(tmp_path / "b.jsonl", _conversations(200, start=200))
+    small = ingest(_recipe(tmp_path, [first]), str(tmp_path / "run1"))
+    big = ingest(_recipe(tmp_path, [first, more]), str(tmp_path / "run2"))
+
+    def ids(manifest, split):
+        return {r["id"] for r in read_conversations(manifest["splits"][split]["uris"])}
+
+    assert ids(small, "eval") <= ids(big, "eval") and ids(small, "train") <= ids(big, "train")
+    assert 30 < len(ids(small, "eval")) < 90  # eval_fraction 0.3 of 200
+    assert small["fingerprint"] != big["fingerprint"]
+    again = ingest(_recipe(tmp_path, [first]), str(tmp_path / "run3"))
+    assert again["fingerprint"] == small["fingerprint"]
+
+
+def test_split_depends_only_on_the_id():
+    record_id = conversation_id(normalize_record(GOOD))
+    assert record_id == conversation_id(normalize_record({"prompt": "hi", "completion": "hello"}))
+    assert split_of("0" * 64, 0.05) == "eval" and split_of("f" * 64, 0.05) == "train"
+
+
+def test_gzip_jsonl_and_parquet_sources(tmp_path):
+    gz = tmp_path / "d.jsonl.gz"
+    with gzip.open(gz, "wt") as f:
+        for c in _conversations(20):
+            f.write(json.dumps(c) + "\n")
+    folder = tmp_path / "pq"
+    folder.mkdir()
+    pq.write_table(pa.Table.from_pylist([{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(20)]),
+                   folder / "x.parquet")
+    manifest = ingest(_recipe(tmp_path, [str(gz), str(folder)]), str(tmp_path / "run"))
+    assert manifest["num_valid"] == 40 and manifest["num_rejected"] == 0
