@@ -10,6 +10,18 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("METAFLOW_USER", "posttrain-tests")
 
+# metaflow.Runner imports metaflow's vendored (old) typing_extensions, which replaces
+# typing._collect_parameters for the whole process with a version that rejects TypeVar defaults;
+# torch modules imported after that fail ("Type parameter ~_T1 without a default follows type
+# parameter with a default"). Import it once here and put the standard function back.
+import typing  # noqa: E402
+
+_collect_parameters = getattr(typing, "_collect_parameters", None)
+import metaflow._vendor.typing_extensions  # noqa: E402,F401
+
+if _collect_parameters is not None:
+    typing._collect_parameters = _collect_parameters
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 

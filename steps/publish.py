@@ -1,0 +1,65 @@
+"""The register step: export the best checkpoint, publish it with lineage, gate the champion."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from steps import checkpoint
+from steps.config import Recipe
+from steps.registry import ModelVersion, Registry
+
+
+def register_best(recipe: Recipe, best: dict, eval_metrics: list[dict], lineage: dict,
+                  dataset_manifest: dict, run_root: str) -> ModelVersion:
+    """Register the best checkpoint (model + tokenizer, HF format) as the next version.
+
+    The manifest holds the lineage (run pathspec, recipe, base model, git SHA, packages), the
+    dataset fingerprint, the best checkpoint's metrics and the baseline's; the registry adds
+    file checksums, the version number and the creation time.
+    """
+    export_dir = checkpoint.export_model(Path(best["path"]), Path(run_root) / "export" / best["checkpoint"])
+    baseline = next((row for row in eval_metrics if row["checkpoint"] == "base"), None)
+    manifest = {
+        "flow": lineage["pathspec"].split("/")[0],
+        "run": lineage["pathspec"].rsplit("/", 2)[0],
+        "lineage": lineage,
+        "base_model": lineage["base_model"],
+        "dataset_fingerprint": dataset_manifest["fingerprint"],
+        "eval_set": {"num_conversations": dataset_manifest["splits"]["eval"]["num_conversations"],
+                     "fingerprint": dataset_manifest["fingerprint"]},
+        "checkpoint": best["checkpoint"],
+        "metrics": _numbers(best),
+        "baseline_metrics": _numbers(baseline) if baseline else None,
+    }
+    return Registry(recipe.registry_root).register(recipe.register.model_name, export_dir, manifest)
+
+
+def promote(recipe: Recipe, version: ModelVersion, pathspec: str) -> dict:
+    """Move the recipe's alias (``champion``) to ``version`` only if it beats the holder."""
+    p = recipe.promote
+    return Registry(recipe.registry_root).promote_if_better(
+        version.name, version.version, metric=p.metric, min_delta=p.min_delta, mode=p.mode,
+        alias=p.alias, run=pathspec)
+
+
+def summary(recipe: Recipe, name: str, version: int, uri: str, eval_metrics: list[dict], best: dict,
+            promotion: dict) -> str:
+    """A few lines for the end of a run: where the model is, how it compares, how to load it."""
+    baseline = next((row for row in eval_metrics if row["checkpoint"] == "base"), {})
+    keys = [k for k in ("task_score", "search_hit_at_1", "eval_loss", "perplexity", "token_accuracy")
+            if k in best]
+    lines = [f"Registered {name} v{version} ({best['checkpoint']}) at {uri}",
+             f"{'metric':<18}{'base':>10}{'model':>10}"]
+    lines += [f"{k:<18}{baseline.get(k, float('nan')):>10.4f}{best[k]:>10.4f}" for k in keys]
+    lines.append(f"{recipe.promote.alias}: {'promoted' if promotion.get('promoted') else 'unchanged'}"
+                 f" ({promotion.get('reason', '')})")
+    lines.append("Load it with:\n"
+                 "  from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+                 f"  model = AutoModelForCausalLM.from_pretrained({uri!r})\n"
+                 f"  tokenizer = AutoTokenizer.from_pretrained({uri!r})\n"
+                 f"or: python -m steps.registry --root {recipe.registry_root} pull {name} {version} DEST")
+    return "\n".join(lines)
+
+
+def _numbers(row: dict) -> dict:
+    return {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -1,0 +1,477 @@
+"""Rendering with the model's chat template, assistant-only labels, truncation, token shards.
+
+Two kinds of tiny tokenizers are built here, so the tests do not depend on any download:
+a word-level one (one token per word: exact label lists stay readable) and a byte-level BPE
+(lossless: decoded trained tokens can be compared with the message text).
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+from steps.chat import (
+    ChatTemplateError,
+    ConversationTooLong,
+    NoTrainedTokens,
+    example_masked_text,
+    tokenize_conversation,
+    tokenize_dataset,
+)
+
+# ---------------------------------------------------------------------------------------------
+# Templates
+
+_CHATML_GENERATION_PROMPT = "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+CHATML = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endfor -%}" + _CHATML_GENERATION_PROMPT
+)
+CHATML_WITH_MARKERS = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- generation -%}{{- message['content'] + '<|im_end|>' -}}{%- endgeneration -%}"
+    "{{- '\\n' -}}"
+    "{%- else -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}" + _CHATML_GENERATION_PROMPT
+)
+# Like Qwen 2.5: a system prompt appears when the conversation has none.
+CHATML_DEFAULT_SYSTEM = (
+    "{%- if messages[0]['role'] != 'system' -%}"
+    "{{- '<|im_start|>system\\nYou are helpful.<|im_end|>\\n' -}}"
+    "{%- endif -%}" + CHATML
+)
+# The generation prompt has one more newline than a finished assistant turn.
+CHATML_WIDER_GENERATION_PROMPT = CHATML.replace(
+    "'<|im_start|>assistant\\n' -}}{%- endif", "'<|im_start|>assistant\\n\\n' -}}{%- endif")
+# No generation prompt at all: the assistant header has to be skipped by searching the content.
+CHATML_NO_GENERATION_PROMPT = CHATML.replace(_CHATML_GENERATION_PROMPT, "")
+LLAMA3 = (
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim"
+    " + '<|eot_id|>' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}{%- endif -%}"
+)
+# Rewrites earlier turns: only the last system message is kept, and it goes first.
+CHATML_LAST_SYSTEM_ONLY = (
+    "{%- set systems = messages | selectattr('role', 'equalto', 'system') | list -%}"
+    "{%- if systems -%}{{- '<|im_start|>system\\n' + systems[-1]['content'] + '<|im_end|>\\n' -}}{%- endif -%}"
+    "{%- for message in messages if message['role'] != 'system' -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endfor -%}" + _CHATML_GENERATION_PROMPT
+)
+# Rewrites earlier turns: the last assistant message gets an empty think block, the others not.
+CHATML_THINK_ON_LAST = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'assistant' and loop.last -%}"
+    "{{- '<|im_start|>assistant\\n<think></think>' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- else -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}" + _CHATML_GENERATION_PROMPT
+)
+CHATML_ALTERNATING = (
+    "{%- for message in messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') -}}"
+    "{%- endif -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endfor -%}" + _CHATML_GENERATION_PROMPT
+)
+
+SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                  "<|eot_id|>", "<think>", "</think>"]
+END_OF_TURN = {CHATML: "<|im_end|>", CHATML_WITH_MARKERS: "<|im_end|>", CHATML_DEFAULT_SYSTEM: "<|im_end|>",
+               LLAMA3: "<|eot_id|>"}
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizers
+
+WORDS = ["<unk>", *SPECIAL_TOKENS, "system", "user", "assistant", "tool", "Be", "brief.", "Hi", "Hello!", "How",
+         "are", "you?", "Fine.", "Bye", "Bye!", "You", "helpful."]
+
+
+def ids(words: str) -> list[int]:
+    """Word-level ids of space-separated words; ``-`` is label -100."""
+    return [-100 if word == "-" else WORDS.index(word) for word in words.split()]
+
+
+def word_tokenizer(template: str, *, bos_token: str | None = None, eos_token: str = "<|im_end|>",
+                   post_processor_adds_bos: bool = False) -> PreTrainedTokenizerFast:
+    """One token per whitespace-separated word (newlines vanish), control tokens split out."""
+    backend = Tokenizer(models.WordLevel({word: index for index, word in enumerate(WORDS)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in SPECIAL_TOKENS])
+    if post_processor_adds_bos:
+        # As in Llama 3's tokenizer.json: a plain tokenizer call would add a BOS of its own.
+        backend.post_processor = processors.TemplateProcessing(
+            single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", WORDS.index("<|begin_of_text|>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token=bos_token,
+                                   eos_token=eos_token, chat_template=template)
+
+
+_BYTE_CORPUS = [
+    "system\nuser\nassistant\ntool\nBe brief. Hi Hello! How can I help? Tell me a joke.",
+    "Why did the chicken cross the road? To get to the other side. The weather is 21 degrees.",
+    "Summarise: the cat sat on the mat. A cat sat. What is the weather? Let me check.",
+] * 3
+_byte_backend_cache: list[Tokenizer] = []
+
+
+def byte_tokenizer(template: str, *, bos_token: str | None = None,
+                   eos_token: str = "<|im_end|>") -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on a few sentences: every string round-trips through decode."""
+    if not _byte_backend_cache:
+        backend = Tokenizer(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        backend.train_from_iterator(_BYTE_CORPUS, trainer)
+        _byte_backend_cache.append(backend)
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_byte_backend_cache[0].to_str()),
+                                   bos_token=bos_token, eos_token=eos_token, chat_template=template,
+                                   clean_up_tokenization_spaces=False)
+
+
+@pytest.fixture(scope="module")
+def builtin_tokenizer(tmp_path_factory):
+    """The embedded tiny-llama tokenizer (ChatML with generation markers), when steps.builtin is there."""
+    try:
+        from steps.builtin import ensure_builtin_model
+    except ImportError:
+        pytest.skip("steps.builtin is not available")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(ensure_builtin_model("tiny-llama", tmp_path_factory.mktemp("models")))
+
+
+def user(content):
+    return {"role": "user", "content": content}
+
+
+def assistant(content, train=True):
+    return {"role": "assistant", "content": content, "train": train}
+
+
+TWO_TURNS = [
+    {"role": "system", "content": "Be brief."},
+    user("Hi"),
+    assistant("Hello!", train=False),
+    user("How are you?"),
+    assistant("Fine."),
+]
+CONVERSATIONS = [
+    TWO_TURNS,
+    [user("Hi"), assistant("Hello! How can I help?"), user("Tell me a joke."),
+     assistant("Why did the chicken cross the road? To get to the other side.")],
+    [{"role": "system", "content": "Be brief."}, user("What is the weather?"), assistant("Let me check."),
+     {"role": "tool", "content": "{\"celsius\": 21}"}, assistant("It is 21 degrees. Ünïcödé ✓")],
+]
+
+
+def trained_runs(tokenizer, result) -> list[str]:
+    """Decoded text of each maximal run of trained tokens."""
+    runs, current = [], []
+    for token, label in zip(result.input_ids, result.labels):
+        if label != -100:
+            assert label == token
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    if current:
+        runs.append(current)
+    return [tokenizer.decode(run, skip_special_tokens=False) for run in runs]
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact labels
+
+
+def test_chatml_labels_exact():
+    tokenizer = word_tokenizer(CHATML)
+    result = tokenize_conversation(tokenizer, TWO_TURNS)
+    assert result.input_ids == ids(
+        "<|im_start|> system Be brief. <|im_end|> "
+        "<|im_start|> user Hi <|im_end|> "
+        "<|im_start|> assistant Hello! <|im_end|> "
+        "<|im_start|> user How are you? <|im_end|> "
+        "<|im_start|> assistant Fine. <|im_end|>")
+    assert result.labels == ids(
+        "- - - - - "
+        "- - - - "
+        "- - - - "
+        "- - - - - - "
+        "- - Fine. <|im_end|>")
+    assert result.num_trained_tokens == 2 and not result.truncated
+
+    everything = tokenize_conversation(tokenizer, [dict(m, train=True) for m in TWO_TURNS])
+    assert everything.labels == ids("- - - - - - - - - - - Hello! <|im_end|> - - - - - - - - Fine. <|im_end|>")
+
+
+def test_llama3_labels_exact_with_one_bos():
+    tokenizer = word_tokenizer(LLAMA3, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                               post_processor_adds_bos=True)
+    bos = WORDS.index("<|begin_of_text|>")
+    assert tokenizer("Hi")["input_ids"] == [bos, WORDS.index("Hi")]  # the trap: a second BOS
+    result = tokenize_conversation(tokenizer, TWO_TURNS)
+    assert result.input_ids == ids(
+        "<|begin_of_text|> "
+        "<|start_header_id|> system <|end_header_id|> Be brief. <|eot_id|> "
+        "<|start_header_id|> user <|end_header_id|> Hi <|eot_id|> "
+        "<|start_header_id|> assistant <|end_header_id|> Hello! <|eot_id|> "
+        "<|start_header_id|> user <|end_header_id|> How are you? <|eot_id|> "
+        "<|start_header_id|> assistant <|end_header_id|> Fine. <|eot_id|>")
+    assert result.input_ids.count(bos) == 1
+    assert result.labels == ids("- " * 27 + "Fine. <|eot_id|>")
+
+
+def test_default_system_prompt_is_not_trained():
+    result = tokenize_conversation(word_tokenizer(CHATML_DEFAULT_SYSTEM), [user("Hi"), assistant("Hello!")])
+    assert result.input_ids == ids("<|im_start|> system You are helpful. <|im_end|> <|im_start|> user Hi <|im_end|> "
+                                   "<|im_start|> assistant Hello! <|im_end|>")
+    assert result.labels == ids("- " * 12 + "Hello! <|im_end|>")
+
+
+def test_generation_prompt_that_differs_by_whitespace():
+    result = tokenize_conversation(word_tokenizer(CHATML_WIDER_GENERATION_PROMPT), TWO_TURNS)
+    assert result.labels == tokenize_conversation(word_tokenizer(CHATML), TWO_TURNS).labels
+
+
+def test_content_found_after_the_header_without_generation_prompt():
+    # The content "assistant" also occurs in the header; only the real one is followed by <|im_end|>.
+    result = tokenize_conversation(word_tokenizer(CHATML_NO_GENERATION_PROMPT), [user("Hi"), assistant("assistant")])
+    assert result.labels == ids("- - - - - - assistant <|im_end|>")
+
+
+# ---------------------------------------------------------------------------------------------
+# Byte-level: decoded trained tokens, markers parity
+
+
+@pytest.mark.parametrize("template", [CHATML, CHATML_WITH_MARKERS, CHATML_DEFAULT_SYSTEM, LLAMA3])
+def test_trained_tokens_decode_to_content_and_end_of_turn(template):
+    tokenizer = byte_tokenizer(template, bos_token="<|begin_of_text|>")
+    for messages in CONVERSATIONS:
+        result = tokenize_conversation(tokenizer, messages)
+        expected = [m["content"] + END_OF_TURN[template] for m in messages
+                    if m["role"] == "assistant" and m.get("train", True)]
+        assert trained_runs(tokenizer, result) == expected
+        assert tokenizer.decode(result.input_ids) == tokenizer.apply_chat_template(
+            [{"role": m["role"], "content": m["content"]} for m in messages], tokenize=False)
+
+
+def test_trimmed_and_verbatim_blanks():
+    messages = [user("Summarise: the cat sat on the mat."), assistant("  A cat sat.  \n")]
+    # `| trim`: the template renders (and the model learns) the content without its blanks.
+    llama3 = byte_tokenizer(LLAMA3, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+    assert trained_runs(llama3, tokenize_conversation(llama3, messages)) == ["A cat sat.<|eot_id|>"]
+    # Verbatim: the blanks are part of the content, so they are trained too.
+    chatml = byte_tokenizer(CHATML)
+    assert trained_runs(chatml, tokenize_conversation(chatml, messages)) == ["  A cat sat.  \n<|im_end|>"]
+
+
+def _assert_labels_equal_assistant_mask(tokenizer, messages):
+    result = tokenize_conversation(tokenizer, messages)
+    reference = tokenizer.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in messages],
+                                              return_assistant_tokens_mask=True, return_dict=True)
+    assert result.input_ids == reference["input_ids"]
+    assert [int(label != -100) for label in result.labels] == reference["assistant_masks"]
+    assert sum(reference["assistant_masks"]) > 0
+
+
+def test_labels_equal_generation_markers_mask():
+    tokenizer = byte_tokenizer(CHATML_WITH_MARKERS)
+    all_trained = [[dict(m, train=True) for m in messages] for messages in CONVERSATIONS]
+    for messages in [*all_trained, [user("Summarise: the cat sat on the mat."), assistant("  A cat sat.  \n")]]:
+        _assert_labels_equal_assistant_mask(tokenizer, messages)
+
+
+def test_labels_equal_generation_markers_mask_builtin(builtin_tokenizer):
+    assert "generation" in builtin_tokenizer.chat_template
+    for messages in CONVERSATIONS:
+        _assert_labels_equal_assistant_mask(builtin_tokenizer, [dict(m, train=True) for m in messages])
+    result = tokenize_conversation(builtin_tokenizer, TWO_TURNS)
+    assert trained_runs(builtin_tokenizer, result) == ["Fine.<|im_end|>"]
+    assert example_masked_text(builtin_tokenizer, result.input_ids, result.labels) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nHow are you?<|im_end|>\n"
+        "<|im_start|>assistant\n[[Fine.<|im_end|>]]\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Templates that cannot give assistant-only labels
+
+
+def test_template_that_keeps_only_the_last_system_message_raises():
+    messages = [{"role": "system", "content": "Be brief."}, user("Hi"), assistant("Hello!"),
+                {"role": "system", "content": "You are helpful."}, user("Bye"), assistant("Bye!")]
+    with pytest.raises(ChatTemplateError, match="chat template rewrites earlier turns: the rendering of the first 3 "
+                                                "messages is not a prefix of the full conversation"):
+        tokenize_conversation(word_tokenizer(CHATML_LAST_SYSTEM_ONLY), messages)
+
+
+def test_template_that_renders_the_last_turn_differently_raises():
+    messages = [user("Hi"), assistant("Hello!"), user("Bye"), assistant("Bye!")]
+    with pytest.raises(ChatTemplateError, match="chat template rewrites earlier turns: the rendering of the first 2 "
+                                                "messages is not a prefix of the full conversation"):
+        tokenize_conversation(word_tokenizer(CHATML_THINK_ON_LAST), messages)
+    # One turn is fine: the template's "<think></think>" is scaffolding, not trained.
+    result = tokenize_conversation(word_tokenizer(CHATML_THINK_ON_LAST), messages[:2])
+    assert result.labels == ids("- - - - - - - - Hello! <|im_end|>")
+
+
+def test_template_exception_reaches_the_caller():
+    with pytest.raises(ChatTemplateError, match="Conversation roles must alternate user/assistant"):
+        tokenize_conversation(word_tokenizer(CHATML_ALTERNATING), [user("Hi"), user("Bye"), assistant("Bye!")])
+
+
+def test_template_that_changes_the_content_or_ends_turns_with_plain_text_raises():
+    upper = CHATML.replace("message['content']", "message['content'] | upper")
+    with pytest.raises(ChatTemplateError, match="assistant message 1: the chat template does not render its content"):
+        tokenize_conversation(word_tokenizer(upper), [user("Hi"), assistant("Hello!")])
+    # "END" is not a token of its own, so it is not an end-of-turn token the model could learn to stop at.
+    plain_end = CHATML.replace("'<|im_end|>\\n'", "' END\\n'")
+    with pytest.raises(ChatTemplateError, match="assistant message 1: what follows its content is not end-of-turn"):
+        tokenize_conversation(word_tokenizer(plain_end), [user("Hi"), assistant("Hello!")])
+
+
+def _char_tokenizer(template: str, merges: list[tuple[str, str]]) -> PreTrainedTokenizerFast:
+    """Characters plus the given merges, no pre-tokenizer: merges may cross the template/content border."""
+    alphabet = sorted(set("assistantuser:>Hi \n"))
+    vocab = {char: index for index, char in enumerate(alphabet)}
+    for left, right in merges:
+        vocab[left + right] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    backend.add_special_tokens([AddedToken("<|end|>", special=True, normalized=False)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|end|>", chat_template=template)
+
+
+def test_token_that_joins_template_text_to_the_content():
+    template = ("{%- for m in messages -%}{{- m['role'] + sep + m['content'] + '<|end|>' -}}{%- endfor -%}"
+                "{%- if add_generation_prompt -%}{{- 'assistant' + sep -}}{%- endif -%}")
+    messages = [user("Hi"), assistant("Hi")]
+    # ">H" merges the template's ">" with the content's "H": the content cannot be trained alone.
+    merging = _char_tokenizer(template.replace("sep", "'>'"), [(">", "H")])
+    with pytest.raises(ChatTemplateError, match="token '>H' .* joins the template's text '>' to the trained turn"):
+        tokenize_conversation(merging, messages)
+    # " H" joins only a blank of the template's ": " to the content: trained, as the model says it.
+    blank = _char_tokenizer(template.replace("sep", "': '"), [(" ", "H")])
+    result = tokenize_conversation(blank, messages)
+    assert blank.convert_ids_to_tokens([t for t in result.labels if t != -100]) == [" H", "i", "<|end|>"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Length limits and conversations without trained tokens
+
+
+def test_truncation_drop_and_turn():
+    tokenizer = word_tokenizer(CHATML)
+    messages = [dict(m, train=True) for m in TWO_TURNS]  # 23 tokens; the first answer ends at token 13
+    assert len(tokenize_conversation(tokenizer, messages, max_tokens=23).input_ids) == 23
+    with pytest.raises(ConversationTooLong, match="23 tokens, more than max_tokens=22"):
+        tokenize_conversation(tokenizer, messages, max_tokens=22, truncation="drop")
+    cut = tokenize_conversation(tokenizer, messages, max_tokens=22, truncation="turn")
+    assert cut.truncated
+    assert cut.input_ids == ids("<|im_start|> system Be brief. <|im_end|> <|im_start|> user Hi <|im_end|> "
+                                "<|im_start|> assistant Hello! <|im_end|>")
+    assert cut.labels == ids("- - - - - - - - - - - Hello! <|im_end|>")
+    assert len(tokenize_conversation(tokenizer, messages, max_tokens=13, truncation="turn").input_ids) == 13
+    with pytest.raises(ConversationTooLong):
+        tokenize_conversation(tokenizer, messages, max_tokens=12, truncation="turn")
+    # The only turn that fits is not trained: nothing would be left to learn.
+    with pytest.raises(ConversationTooLong):
+        tokenize_conversation(tokenizer, TWO_TURNS, max_tokens=22, truncation="turn")
+    with pytest.raises(ValueError, match="truncation must be one of"):
+        tokenize_conversation(tokenizer, messages, truncation="left")
+
+
+def test_no_trained_tokens():
+    with pytest.raises(NoTrainedTokens):
+        tokenize_conversation(word_tokenizer(CHATML), [user("Hi"), assistant("Hello!", train=False)])
+    with pytest.raises(NoTrainedTokens):
+        tokenize_conversation(word_tokenizer(CHATML), [{"role": "system", "content": "Be brief."}, user("Hi")])
+
+
+def test_example_masked_text():
+    tokenizer = byte_tokenizer(CHATML)
+    result = tokenize_conversation(tokenizer, [user("Hi"), assistant("Hello!"), user("Bye"), assistant("Bye!")])
+    assert example_masked_text(tokenizer, result.input_ids, result.labels) == (
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n[[Hello!<|im_end|>]]\n"
+        "<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n[[Bye!<|im_end|>]]\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets
+
+_MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string()), ("train", pa.bool_())])
+_DATA_SCHEMA = pa.schema([("id", pa.string()), ("messages", pa.list_(_MESSAGE)), ("meta", pa.string()),
+                          ("source", pa.string())])
+
+
+def _write_data_shard(path, conversations) -> str:
+    records = [{"id": f"record-{index}", "meta": "{}", "source": "test",
+                "messages": [{"role": m["role"], "content": m["content"], "train": m.get("train", True)}
+                             for m in messages]}
+               for index, messages in enumerate(conversations)]
+    pq.write_table(pa.Table.from_pylist(records, schema=_DATA_SCHEMA), path)
+    return str(path)
+
+
+def test_tokenize_dataset_packs_and_counts(tmp_path):
+    tokenizer = word_tokenizer(CHATML)
+    short = [user("Hi"), assistant("Hello!")]  # 8 tokens, 2 trained
+    conversations = [
+        [dict(m, train=True) for m in TWO_TURNS],  # 23 tokens: cut to 13 with "turn", dropped with "drop"
+        short, short, short,
+        [user("Hi"), assistant("Hello!", train=False)],  # no trained token
+        [user("How are you?"), assistant("Fine.")],  # 10 tokens, 2 trained
+    ]
+    first = _write_data_shard(tmp_path / "a.parquet", conversations[:3])
+    second = _write_data_shard(tmp_path / "b.parquet", conversations[3:])
+
+    stats = tokenize_dataset(tokenizer, [first, second], tmp_path / "tokens", max_seq_tokens=21, truncation="turn",
+                             rows_per_shard=1)
+    # Lengths 13, 8, 8, 8, 10 -> best fit decreasing into 21: [13, 8], [10, 8], [8].
+    assert stats == {
+        "uris": [str(tmp_path / "tokens" / f"part-0000{i}.parquet") for i in range(3)],
+        "num_conversations": 6, "num_packed_conversations": 5, "num_rows": 3, "num_tokens": 47,
+        "num_trained_tokens": 10, "num_truncated": 1, "num_dropped_too_long": 0, "num_no_trained_tokens": 1,
+        "packing_efficiency": 47 / 63, "max_seq_tokens": 21,
+    }
+    rows = [row for uri in stats["uris"] for row in pq.read_table(uri).to_pylist()]
+    assert pq.read_schema(stats["uris"][0]).field("labels").type == pa.list_(pa.int32())
+    short_ids = ids("<|im_start|> user Hi <|im_end|> <|im_start|> assistant Hello! <|im_end|>")
+    short_labels = ids("- - - - - - Hello! <|im_end|>")
+    assert rows[0]["input_ids"] == tokenize_conversation(
+        tokenizer, conversations[0], max_tokens=21, truncation="turn").input_ids + short_ids
+    assert rows[0]["labels"] == ids("- " * 11 + "Hello! <|im_end|>") + short_labels
+    assert rows[0]["position_ids"] == list(range(13)) + list(range(8))
+    assert rows[1]["labels"] == ids("- - - - - - - - Fine. <|im_end|>") + short_labels
+    assert rows[2] == {"input_ids": short_ids, "labels": short_labels, "position_ids": list(range(8))}
+
+    # Same inputs, same rows; "drop" drops the long one; a rerun replaces the earlier shards.
+    again = tokenize_dataset(tokenizer, [first, second], tmp_path / "tokens", max_seq_tokens=21, truncation="turn",
+                             rows_per_shard=1)
+    assert again == stats and [row for uri in again["uris"] for row in pq.read_table(uri).to_pylist()] == rows
+    dropped = tokenize_dataset(tokenizer, [first, second], tmp_path / "tokens", max_seq_tokens=21,
+                               truncation="drop")
+    assert (dropped["num_dropped_too_long"], dropped["num_truncated"], dropped["num_rows"]) == (1, 0, 2)
+    assert sorted(p.name for p in (tmp_path / "tokens").iterdir()) == ["part-00000.parquet"]
+
+
+def test_tokenize_dataset_names_the_record_the_template_rejects(tmp_path):
+    shard = _write_data_shard(tmp_path / "a.parquet", [[user("Hi"), assistant("Hello!")],
+                                                      [user("Hi"), user("Bye"), assistant("Bye!")]])
+    with pytest.raises(ChatTemplateError, match=r"a\.parquet, record record-1: .*roles must alternate"):
+        tokenize_dataset(word_tokenizer(CHATML_ALTERNATING), [shard], tmp_path / "tokens", max_seq_tokens=64,
+                         truncation="drop")

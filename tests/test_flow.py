@@ -1,0 +1,89 @@
+"""The SFT flow end to end with metaflow.Runner on a small recipe, and its code package."""
+
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import PROJECT_ROOT
+
+FLOW = PROJECT_ROOT / "flows" / "sft_flow.py"
+
+
+def small_recipe(tmp_path: Path, **overrides) -> Path:
+    """A recipe that runs the whole flow in about a minute on 2 cores."""
+    recipe = {
+        "name": "sft-ci", "seed": 0, "storage": str(tmp_path / "storage"),
+        "data": {"builtin_num_conversations": 800, "eval_fraction": 0.1},
+        "train": {"micro_batch_tokens": 2048, "global_batch_tokens": 2048, "max_steps": 24,
+                  "warmup_steps": 2, "lr": 3e-3, "save_every_steps": 12, "log_every_steps": 4},
+        "evaluate": {"num_task_prompts": 16, "max_new_tokens": 24, "generation_batch_size": 16},
+        **overrides,
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def run_flow(recipe_path: Path, sysroot: Path, **run_kwargs):
+    """Run SFTFlow with ``recipe_path`` through metaflow.Runner; fail with the flow's output."""
+    from metaflow import Runner
+
+    env = {"METAFLOW_DATASTORE_SYSROOT_LOCAL": str(sysroot), "METAFLOW_USER": "posttrain-tests",
+           "HF_HUB_OFFLINE": "1"}
+    with Runner(str(FLOW), show_output=False, env=env, cwd=str(PROJECT_ROOT),
+                config=[("recipe", str(recipe_path))]) as runner:
+        result = runner.run(**run_kwargs)
+        assert result.status == "successful", result.stdout[-4000:] + result.stderr[-8000:]
+        return result.run
+
+
+@pytest.mark.slow
+def test_sft_flow_end_to_end_registers_versions_1_then_2(tmp_path, metaflow_env):
+    from metaflow import Flow, namespace
+
+    recipe = small_recipe(tmp_path)
+    run_flow(recipe, metaflow_env)
+    namespace(None)
+    run = Flow("SFTFlow").latest_successful_run
+    register = run["register"].task.data
+    assert register.model_name == "catalog-assistant" and register.model_version == 1
+    model_uri = Path(register.model_uri)
+    assert (model_uri / "manifest.json").exists() and (model_uri / "model.safetensors").exists()
+
+    end = run["end"].task.data
+    assert end.dataset_manifest["num_valid"] > 0 and end.dataset_manifest["fingerprint"]
+    assert end.token_stats["train"]["num_rows"] > 0
+    assert [Path(c).name for c in end.checkpoints] == ["step-000012", "step-000024"]
+    assert [row["step"] for row in end.train_curve][-1] == 24
+    assert {row["checkpoint"] for row in end.eval_metrics} == {"base", "step-000012", "step-000024"}
+    assert end.best_checkpoint["checkpoint"] in {"step-000012", "step-000024"}
+    assert end.lineage["recipe"]["name"] == "sft-ci"
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(model_uri)
+    tokenizer = AutoTokenizer.from_pretrained(model_uri)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Recommend a comedy."}],
+                                        add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=8, do_sample=False)
+    assert out.shape[1] > ids["input_ids"].shape[1]
+
+    v1_manifest = (model_uri / "manifest.json").read_bytes()
+    run_flow(recipe, metaflow_env)
+    second = Flow("SFTFlow").latest_successful_run["register"].task.data
+    assert second.model_version == 2 and second.model_uri != register.model_uri
+    assert (model_uri / "manifest.json").read_bytes() == v1_manifest
+
+
+def test_code_package_carries_steps(tmp_path, metaflow_env):
+    out = tmp_path / "package.tgz"
+    result = subprocess.run([sys.executable, str(FLOW), "package", "save", str(out)], cwd=PROJECT_ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    with tarfile.open(out) as tar:
+        names = tar.getnames()
+    for module in ("steps/__init__.py", "steps/train.py", "steps/config.py", "steps/builtin/catalog.py"):
+        assert any(n.endswith(module) for n in names), f"{module} missing from the code package: {names}"
