@@ -208,6 +208,7 @@ def ingest(recipe: Recipe, run_root: str) -> dict:
     data_dir = subdir(run_root, "data")
     writers = {s: _ShardWriter(subdir(run_root, "data", s), recipe.data.records_per_shard) for s in SPLITS}
     seen: set[str] = set()
+    split_ids: dict[str, list[str]] = {s: [] for s in SPLITS}
     reasons: Counter[str] = Counter()
     num_read = num_duplicates = 0
     rejects_path = data_dir / "rejects.jsonl"
@@ -236,7 +237,9 @@ def ingest(recipe: Recipe, run_root: str) -> dict:
                     continue
                 seen.add(record_id)
                 meta = raw.value.get("meta") or {}
-                writers[split_of(record_id, recipe.data.eval_fraction)].add({
+                split = split_of(record_id, recipe.data.eval_fraction)
+                split_ids[split].append(record_id)
+                writers[split].add({
                     "id": record_id, "messages": messages, "source": raw.source,
                     "meta": json.dumps(meta, ensure_ascii=False, sort_keys=True),
                 })
@@ -254,10 +257,11 @@ def ingest(recipe: Recipe, run_root: str) -> dict:
         raise ValueError(f"ingest produced {writers['train'].num_rows} train and {writers['eval'].num_rows} "
                          "eval conversations; both splits need at least one (more data or another "
                          "data.eval_fraction)")
-    fingerprint = hashlib.sha256("\n".join(sorted(seen)).encode()).hexdigest()
+    fingerprint = _fingerprint(seen)
     return {
         "sources": [{"uri": s.uri, "weight": s.weight} for s in recipe.data.sources],
-        "splits": {s: {"uris": w.uris, "num_conversations": w.num_rows} for s, w in writers.items()},
+        "splits": {s: {"uris": w.uris, "num_conversations": w.num_rows, "fingerprint": _fingerprint(split_ids[s])}
+                   for s, w in writers.items()},
         "num_records_read": num_read,
         "num_valid": len(seen),
         "num_duplicates": num_duplicates,
@@ -266,6 +270,11 @@ def ingest(recipe: Recipe, run_root: str) -> dict:
         "rejects_uri": str(rejects_path),
         "fingerprint": fingerprint,
     }
+
+
+def _fingerprint(record_ids) -> str:
+    """sha256 over the sorted conversation ids: the same set of conversations, the same value."""
+    return hashlib.sha256("\n".join(sorted(record_ids)).encode()).hexdigest()
 
 
 def read_conversations(uris: list[str], limit: int | None = None) -> Iterator[dict]:

@@ -26,7 +26,7 @@ def register_best(recipe: Recipe, best: dict, eval_metrics: list[dict], lineage:
         "base_model": lineage["base_model"],
         "dataset_fingerprint": dataset_manifest["fingerprint"],
         "eval_set": {"num_conversations": dataset_manifest["splits"]["eval"]["num_conversations"],
-                     "fingerprint": dataset_manifest["fingerprint"]},
+                     "fingerprint": dataset_manifest["splits"]["eval"]["fingerprint"]},
         "checkpoint": best["checkpoint"],
         "metrics": _numbers(best),
         "baseline_metrics": _numbers(baseline) if baseline else None,

@@ -96,8 +96,10 @@ def test_split_is_stable_when_data_is_appended(tmp_path):
     assert ids(small, "eval") <= ids(big, "eval") and ids(small, "train") <= ids(big, "train")
     assert 30 < len(ids(small, "eval")) < 90  # eval_fraction 0.3 of 200
     assert small["fingerprint"] != big["fingerprint"]
+    assert small["splits"]["eval"]["fingerprint"] != big["splits"]["eval"]["fingerprint"]
     again = ingest(_recipe(tmp_path, [first]), str(tmp_path / "run3"))
     assert again["fingerprint"] == small["fingerprint"]
+    assert again["splits"]["eval"]["fingerprint"] == small["splits"]["eval"]["fingerprint"]
 
 
 def test_split_depends_only_on_the_id():
