@@ -10,7 +10,7 @@ Two kinds of numbers per checkpoint:
 
 ``evaluate_model`` runs both on one model folder and returns one flat dict::
 
-    {"eval_loss": 2.31, "perplexity": 10.07, "token_accuracy": 0.52, "num_eval_tokens": 41230,
+    {"eval_loss": 2.31, "perplexity": 10.07, "assistant_token_accuracy": 0.52, "num_eval_tokens": 41230,
      "task_score": 0.64, ..., "num_task_prompts": 200}
 
 ``select_best`` then picks the best row of such dicts by the recipe's metric.
@@ -83,8 +83,9 @@ def heldout_loss(model, token_uris: list[str], *, row_tokens: int, pad_id: int, 
         eval_loss    (ce(a->b) + ce(b->c) + ce(d->e)) / 3
         perplexity   exp(eval_loss)
 
-    Returns ``{"eval_loss", "perplexity", "token_accuracy", "num_eval_tokens"}``, where
-    ``token_accuracy`` is the share of targets whose argmax logit is the label.
+    Returns ``{"eval_loss", "perplexity", "assistant_token_accuracy", "num_eval_tokens"}``, where
+    ``assistant_token_accuracy`` is the share of targets (the trained, assistant tokens) whose
+    argmax logit is the label.
     """
     if batch_rows < 1:
         raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
@@ -113,7 +114,7 @@ def heldout_loss(model, token_uris: list[str], *, row_tokens: int, pad_id: int, 
     return {
         "eval_loss": eval_loss,
         "perplexity": math.exp(eval_loss) if eval_loss < 700 else math.inf,  # exp overflows past ~709
-        "token_accuracy": num_correct / num_tokens,
+        "assistant_token_accuracy": num_correct / num_tokens,
         "num_eval_tokens": num_tokens,
     }
 

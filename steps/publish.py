@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from steps import checkpoint
+from steps import checkpoint, storage
 from steps.config import Recipe
 from steps.registry import ModelVersion, Registry
 
@@ -35,7 +35,13 @@ def register_best(recipe: Recipe, best: dict, eval_metrics: list[dict], lineage:
 
 
 def promote(recipe: Recipe, version: ModelVersion, pathspec: str) -> dict:
-    """Move the recipe's alias (``champion``) to ``version`` only if it beats the holder."""
+    """Move the recipe's alias (``champion``) to ``version`` only if it beats the holder.
+
+    The gate compares ``promote.metric`` of both manifests, and only when both were scored on
+    the same eval split (``manifest["eval_set"]["fingerprint"]``). The decision, with its
+    numbers, is returned (the flow keeps it as ``promotion``) and written beside the version as
+    ``promotion.json``; the manifest itself stays immutable.
+    """
     p = recipe.promote
     return Registry(recipe.registry_root).promote_if_better(
         version.name, version.version, metric=p.metric, min_delta=p.min_delta, mode=p.mode,
@@ -46,18 +52,24 @@ def summary(recipe: Recipe, name: str, version: int, uri: str, eval_metrics: lis
             promotion: dict) -> str:
     """A few lines for the end of a run: where the model is, how it compares, how to load it."""
     baseline = next((row for row in eval_metrics if row["checkpoint"] == "base"), {})
-    keys = [k for k in ("task_score", "search_hit_at_1", "eval_loss", "perplexity", "token_accuracy")
-            if k in best]
+    keys = [k for k in ("task_score", "search_hit_at_1", "eval_loss", "perplexity",
+                        "assistant_token_accuracy") if k in best]
     lines = [f"Registered {name} v{version} ({best['checkpoint']}) at {uri}",
-             f"{'metric':<18}{'base':>10}{'model':>10}"]
-    lines += [f"{k:<18}{baseline.get(k, float('nan')):>10.4f}{best[k]:>10.4f}" for k in keys]
+             f"{'metric':<26}{'base':>10}{'model':>10}"]
+    lines += [f"{k:<26}{baseline.get(k, float('nan')):>10.4f}{best[k]:>10.4f}" for k in keys]
     lines.append(f"{recipe.promote.alias}: {'promoted' if promotion.get('promoted') else 'unchanged'}"
                  f" ({promotion.get('reason', '')})")
+    pull = f"python -m steps.registry --root {recipe.registry_root} pull {name} {version} DEST"
+    # transformers cannot read s3:// itself: a version on S3 is pulled (checksums verified) first.
+    folder = "DEST" if storage.is_s3(uri) else uri
+    if storage.is_s3(uri):
+        lines.append(f"Pull it (checksums verified) with:\n  {pull}")
     lines.append("Load it with:\n"
                  "  from transformers import AutoModelForCausalLM, AutoTokenizer\n"
-                 f"  model = AutoModelForCausalLM.from_pretrained({uri!r})\n"
-                 f"  tokenizer = AutoTokenizer.from_pretrained({uri!r})\n"
-                 f"or: python -m steps.registry --root {recipe.registry_root} pull {name} {version} DEST")
+                 f"  model = AutoModelForCausalLM.from_pretrained({folder!r})\n"
+                 f"  tokenizer = AutoTokenizer.from_pretrained({folder!r})")
+    if not storage.is_s3(uri):
+        lines.append(f"or copy it, checksums verified: {pull}")
     return "\n".join(lines)
 
 

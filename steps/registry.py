@@ -1,25 +1,34 @@
-"""Versioned model registry on a local folder (an ``s3://`` backend slots in later).
+"""Versioned model registry on a local folder or an ``s3://bucket/prefix``.
 
-Layout under the registry root::
+Layout under the registry root (the same keys on both backends)::
 
-    <root>/<name>/versions/<N>/            the model files (Hugging Face format) + manifest.json
-    <root>/<name>/versions/<N>/promotion.json   the last gate decision about N (not checksummed)
-    <root>/<name>/claims/<N>               one small file per claimed version number
-    <root>/<name>/.staging/<uuid>/         a registration in progress
-    <root>/<name>/aliases/<alias>.json     {"version": N, ...}: a movable pointer such as "champion"
-    <root>/<name>/alias_history.jsonl      one line per alias move: who, when, run, previous version
+    <root>/<name>/claims/<N>                       one small object per claimed version number
+    <root>/<name>/versions/<N>/...                 the model files (Hugging Face format)
+    <root>/<name>/versions/<N>/manifest.json       written LAST: the version exists once it does
+    <root>/<name>/versions/<N>/promotion.json      the gate's decision about N (not checksummed)
+    <root>/<name>/aliases/<alias>/history/<seq>.json   one object per move of an alias; the
+                                                   highest ``seq`` is where the alias points now
+    <root>/<name>/.staging/<uuid>/                 (local only) a registration in progress
 
-Versions are immutable and numbered 1, 2, 3, ... A registration copies the files into a
-staging folder, hashes them, claims the next number with an exclusive create of
-``claims/<N>`` (a second process that loses the race gets ``FileExistsError`` and tries
-N + 1), writes ``manifest.json`` last, and renames the staging folder to ``versions/<N>``.
-Readers list only ``versions/<N>`` folders that hold a ``manifest.json``, so a version is
-visible only once it is complete. A crashed registration leaves a claim without a version
-(the number is skipped, never reused) and perhaps a staging folder; neither is visible.
+Versions are immutable and numbered 1, 2, 3, ... A registration hashes the files, claims the
+next number with a create-if-absent of ``claims/<N>`` (an exclusive create locally, a
+conditional put with ``If-None-Match: "*"`` on S3; whoever loses the race tries N + 1), puts
+the files under ``versions/<N>/`` and writes ``manifest.json`` last. Locally the files are
+copied into a staging folder that is renamed into place; S3 has no rename, so the files are
+uploaded straight under ``versions/<N>/``. Either way readers count a version only when its
+``manifest.json`` exists, so a version is visible only once it is complete. A registration
+killed midway leaves a claim without a manifest (the number is skipped, never reused) and
+perhaps some files; nothing reads them.
+
+An alias (``champion``, ``candidate``, any name) is its history: moving it claims
+``history/<seq + 1>`` with the same create-if-absent, where ``seq`` is the highest entry the
+mover read. Two concurrent moves cannot both claim the same ``seq``; the loser reads again and
+decides again. This compare-and-swap also makes the promotion gate's read-decide-move race
+free, on both backends, without locks.
 
 Example::
 
-    reg = Registry("/tmp/registry")
+    reg = Registry("/tmp/registry")            # or Registry("s3://bucket/registry")
     reg.register("tiny-sft", "ckpt/step-40", {"metrics": {"eval_loss": 2.1}})  # -> version 1
     reg.get("tiny-sft").version                                               # -> 1 ("latest")
     reg.promote_if_better("tiny-sft", 1, metric="eval_loss", min_delta=0.0, mode="min")
@@ -30,34 +39,35 @@ Command line::
     python -m steps.registry --root ROOT list [NAME]
     python -m steps.registry --root ROOT show NAME VERSION_OR_ALIAS
     python -m steps.registry --root ROOT pull NAME VERSION_OR_ALIAS DEST
-    python -m steps.registry --root ROOT promote NAME VERSION [--alias champion]
+    python -m steps.registry --root ROOT promote NAME VERSION [--alias champion] [--metric M ...]
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime
-import fcntl
 import hashlib
 import json
 import math
 import os
 import re
 import shutil
+import socket
 import sys
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO
+
+from steps import storage
 
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _COPY_CHUNK_BYTES = 8 * 1024 * 1024
 # Files the registry writes itself inside a version folder; a source folder that already
 # has them (for example a pulled version being registered again) does not copy them.
 _REGISTRY_FILE_NAMES = frozenset({"manifest.json", "promotion.json"})
-# Manifest keys metrics tables show first, when present.
-_PREFERRED_METRICS = ("eval_loss", "perplexity", "token_accuracy")
+# Manifest metrics that tables show first, when present.
+_PREFERRED_METRICS = ("eval_loss", "perplexity", "assistant_token_accuracy", "task_score")
 
 
 class RegistryError(Exception):
@@ -88,8 +98,8 @@ class ChecksumMismatch(RegistryError):
 class ModelVersion:
     """One complete, immutable registered version.
 
-    ``uri`` is where the files live (a local folder path for now); ``manifest`` is the
-    parsed ``manifest.json`` (lineage, metrics, ``files`` with checksums).
+    ``uri`` is where the files live (a local folder, or ``s3://bucket/.../versions/N``);
+    ``manifest`` is the parsed ``manifest.json`` (lineage, metrics, ``files`` with checksums).
     """
 
     name: str
@@ -99,7 +109,9 @@ class ModelVersion:
 
     @property
     def path(self) -> Path:
-        """The version folder as a ``Path`` (local backend only)."""
+        """The version folder as a ``Path`` (local registries only; use ``download`` for S3)."""
+        if storage.is_s3(self.uri):
+            raise ValueError(f"{self.uri} is on S3, not a local folder; use Registry.download")
         return Path(self.uri)
 
 
@@ -147,34 +159,143 @@ def validate_alias(alias: str) -> str:
     return alias
 
 
-def _utc_now_iso() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+def _utc_now_iso(timespec: str = "seconds") -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec=timespec)
 
 
 def _default_user() -> str:
     return os.environ.get("METAFLOW_USER") or os.environ.get("USER") or "unknown"
 
 
-class Registry:
-    """A versioned model registry rooted at a local folder.
+# ---------------------------------------------------------------------- storage backends
+#
+# The registry's logic (claims, manifests, aliases, the gate, checksums) is written once in
+# ``Registry``. Reads, plain writes and existence checks go through ``steps.storage``, which
+# already speaks both local paths and s3://. The two classes below hold only what differs:
+# an atomic create-if-absent, listing one level of a folder, and how a version's files are
+# put in place before the manifest.
 
-    Storage seam: every byte the registry reads or writes goes through the small private
-    methods ``_read_bytes``, ``_write_bytes_atomic``, ``_create_exclusive``, ``_exists``,
-    ``_list_dir``, ``_rename``, ``_append_line``, ``_copy_file_hashed`` and ``_alias_lock``. An S3 backend
-    replaces them: ``_create_exclusive`` becomes a conditional put with
-    ``If-None-Match: "*"`` (the same claim semantics as ``O_CREAT | O_EXCL``);
-    ``_write_bytes_atomic`` a plain put (objects are replaced whole); ``_rename`` of the
-    staging prefix becomes "upload the files under ``versions/<N>/``, then put
-    ``manifest.json`` last", which keeps the rule that a version is visible only when its
-    manifest exists; ``_append_line`` and ``_alias_lock`` become a read-modify-write guarded
-    by ``If-Match`` on the ETag.
+
+class _LocalBackend:
+    """Primitive I/O on a local (or shared POSIX) folder."""
+
+    def put_if_absent(self, uri: str, data: bytes) -> bool:
+        """Create ``uri`` holding ``data`` unless it exists; whether this call created it.
+
+        The bytes go to a unique temp file first, which is then hard-linked to the final
+        name: ``link`` fails if the name exists (as ``O_EXCL`` does), and a reader never sees
+        the file empty or half written, which an ``O_EXCL`` create followed by a write allows.
+        """
+        path = Path(uri)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp_path = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        with open(temp_path, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(temp_path, path)
+        except FileExistsError:
+            return False
+        finally:
+            temp_path.unlink()
+        return True
+
+    def list_children(self, uri: str) -> list[str]:
+        """Names directly inside the folder ``uri`` (empty if it does not exist)."""
+        try:
+            return os.listdir(uri)
+        except FileNotFoundError:
+            return []
+
+    def stage(self, staging_uri: str, sources: dict[str, Path]) -> dict[str, dict[str, Any]]:
+        """Copy the files into a staging folder, hashing the bytes as they are copied."""
+        files = {}
+        for relpath, source in sources.items():
+            with open(source, "rb") as reader:
+                sha256, num_bytes = _copy_stream_hashed(reader, Path(staging_uri) / relpath)
+            files[relpath] = {"sha256": sha256, "bytes": num_bytes}
+        return files
+
+    def publish(self, staging_uri: str, version_uri: str, sources: dict[str, Path],
+                manifest_bytes: bytes) -> None:
+        """Write the manifest into the staging folder, then rename it to ``version_uri``."""
+        storage.write_bytes(storage.join(staging_uri, "manifest.json"), manifest_bytes)
+        target = Path(version_uri)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(staging_uri, target)
+        # Make the rename itself durable, not just the files it moved.
+        fd = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def discard(self, staging_uri: str) -> None:
+        shutil.rmtree(staging_uri, ignore_errors=True)
+
+
+class _S3Backend:
+    """Primitive I/O on ``s3://bucket/prefix`` through boto3 (endpoint from ``steps.storage``)."""
+
+    def put_if_absent(self, uri: str, data: bytes) -> bool:
+        """A conditional put with ``If-None-Match: "*"``: S3 itself refuses a second creator."""
+        return storage.put_if_absent(uri, data)
+
+    def list_children(self, uri: str) -> list[str]:
+        """Names directly under the prefix ``uri/``: sub-prefixes and objects, one level."""
+        bucket, key = storage.split_s3(uri)
+        prefix = key.rstrip("/") + "/" if key else ""
+        names = []
+        paginator = storage.s3_client().get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
+            names += [entry["Prefix"][len(prefix):].rstrip("/") for entry in page.get("CommonPrefixes", [])]
+            names += [entry["Key"][len(prefix):] for entry in page.get("Contents", [])]
+        return names
+
+    def stage(self, staging_uri: str, sources: dict[str, Path]) -> dict[str, dict[str, Any]]:
+        """Hash the local files; nothing is written (S3 has no rename, so no staging prefix)."""
+        files = {}
+        for relpath, source in sources.items():
+            with open(source, "rb") as reader:
+                sha256, num_bytes = _hash_stream(reader)
+            files[relpath] = {"sha256": sha256, "bytes": num_bytes}
+        return files
+
+    def publish(self, staging_uri: str, version_uri: str, sources: dict[str, Path],
+                manifest_bytes: bytes) -> None:
+        """Upload every file under ``version_uri``, then put ``manifest.json`` last.
+
+        A file changed on disk between ``stage`` and this upload no longer matches its
+        checksum; ``download`` and ``verify`` catch that.
+        """
+        for relpath, source in sources.items():
+            storage.upload_file(source, storage.join(version_uri, relpath))
+        storage.write_bytes(storage.join(version_uri, "manifest.json"), manifest_bytes)
+
+    def discard(self, staging_uri: str) -> None:
+        """Nothing to clean: uploaded files without a manifest are invisible and never reused."""
+
+
+class Registry:
+    """A versioned model registry rooted at a local folder or ``s3://bucket/prefix``.
+
+    Both backends share every rule below; they differ only in ``_LocalBackend`` and
+    ``_S3Backend`` (create-if-absent, one-level listing, putting a version's files in place).
     """
 
     def __init__(self, root: str | Path):
-        from steps.storage import require_local
+        root = str(root)
+        if storage.is_s3(root):
+            storage.split_s3(root)  # fails clearly on "s3://" without a bucket
+            self.root = root.rstrip("/")
+            self._backend: _LocalBackend | _S3Backend = _S3Backend()
+        else:
+            self.root = str(Path(root).expanduser())
+            self._backend = _LocalBackend()
 
-        # Fails clearly on s3:// until the S3 backend replaces the private methods below.
-        self.root = require_local(str(root), "the model registry")
+    def __repr__(self) -> str:
+        return f"Registry({self.root!r})"
 
     # ------------------------------------------------------------------ public API
 
@@ -207,22 +328,19 @@ class Registry:
         if not sources:
             raise ValueError(f"model_dir {str(model_dir)!r} holds no files")
 
-        staging_dir = self.root / name / ".staging" / uuid.uuid4().hex
+        staging_uri = self._uri(name, ".staging", uuid.uuid4().hex)
         try:
-            files = {}
-            for relpath, source in sources.items():
-                sha256, num_bytes = self._copy_file_hashed(source, staging_dir / relpath)
-                files[relpath] = {"sha256": sha256, "bytes": num_bytes}
+            files = self._backend.stage(staging_uri, sources)
             version = self._claim_next_version(name)
             manifest.update(files=files, created_at=_utc_now_iso(), name=name, version=version)
-            # The manifest is written last: it is what makes a version count as complete.
-            self._write_bytes_atomic(staging_dir / "manifest.json", _dump_json(manifest))
-            self._rename(staging_dir, self._version_dir(name, version))
+            # The manifest goes in last: it is what makes a version count as complete.
+            self._backend.publish(staging_uri, self._version_uri(name, version), sources,
+                                  _dump_json(manifest))
         except BaseException:
             # Best effort: a killed process leaves its staging folder, which nothing reads.
-            shutil.rmtree(staging_dir, ignore_errors=True)
+            self._backend.discard(staging_uri)
             raise
-        return ModelVersion(name, version, str(self._version_dir(name, version)), manifest)
+        return ModelVersion(name, version, self._version_uri(name, version), manifest)
 
     def get(self, name: str, version_or_alias: int | str = "latest") -> ModelVersion:
         """Return one complete version: ``"latest"``, a number (int or digits) or an alias.
@@ -233,7 +351,7 @@ class Registry:
         manifest = self._read_manifest(name, version)
         if manifest is None:
             raise NotFoundError(f"model {name!r} has no complete version {version}")
-        return ModelVersion(name, version, str(self._version_dir(name, version)), manifest)
+        return ModelVersion(name, version, self._version_uri(name, version), manifest)
 
     def list(self, name: str) -> list[ModelVersion]:
         """All complete versions of ``name``, oldest first (empty if there are none)."""
@@ -243,7 +361,7 @@ class Registry:
     def list_models(self) -> list[str]:
         """Sorted names of the models with at least one complete version."""
         names = []
-        for entry in self._list_dir(self.root):
+        for entry in self._backend.list_children(self.root):
             if _NAME_PATTERN.match(entry) and ".." not in entry and self._complete_versions(entry):
                 names.append(entry)
         return sorted(names)
@@ -258,46 +376,64 @@ class Registry:
         run: str | None = None,
         reason: str | None = None,
     ) -> dict[str, Any]:
-        """Point ``alias`` at ``version`` and append the move to the alias history.
+        """Point ``alias`` at ``version`` and record the move in the alias history.
 
         ``who`` defaults to ``$METAFLOW_USER``, then ``$USER``. Returns the history entry:
-        ``{"alias", "version", "previous_version", "who", "when", "run", "reason"}``.
+        ``{"alias", "version", "previous_version", "who", "when", "run", "reason", "seq"}``.
         """
         validate_alias(alias)
         version = self.get(name, _as_version_number(version)).version
-        with self._alias_lock(name):
-            return self._set_alias_locked(name, alias, version, who=who, run=run, reason=reason)
+        while True:
+            seq, current = self._latest_alias_entry(name, alias)
+            entry = self._try_move_alias(name, alias, version, seq, current, who=who, run=run, reason=reason)
+            if entry is not None:
+                return entry
+            # Another process moved the alias between our read and our write: read again.
 
     def aliases(self, name: str) -> dict[str, int]:
         """``{alias: version}`` for every alias of ``name``."""
         validate_name(name)
         result = {}
-        for entry in sorted(self._list_dir(self.root / name / "aliases")):
-            if entry.endswith(".json"):
-                pointer = json.loads(self._read_bytes(self.root / name / "aliases" / entry))
-                result[entry.removesuffix(".json")] = int(pointer["version"])
+        for alias in sorted(self._backend.list_children(self._uri(name, "aliases"))):
+            if _is_alias(alias):
+                _, entry = self._latest_alias_entry(name, alias)
+                if entry is not None:
+                    result[alias] = int(entry["version"])
         return result
 
     def alias_history(self, name: str) -> list[dict[str, Any]]:
-        """Every alias move of ``name``, oldest first."""
+        """Every alias move of ``name``, oldest first (by time, then alias, then ``seq``)."""
         validate_name(name)
-        path = self.root / name / "alias_history.jsonl"
+        entries = []
+        for alias in self._backend.list_children(self._uri(name, "aliases")):
+            if _is_alias(alias):
+                for seq in self._alias_seqs(name, alias):
+                    entries.append(json.loads(storage.read_bytes(self._alias_entry_uri(name, alias, seq))))
+        return sorted(entries, key=lambda entry: (entry["when"], entry["alias"], entry["seq"]))
+
+    def promotion(self, name: str, version_or_alias: int | str) -> dict[str, Any] | None:
+        """The last gate decision recorded about a version (``promotion.json``), or ``None``."""
+        model_version = self.get(name, version_or_alias)
         try:
-            text = self._read_bytes(path).decode("utf-8")
+            return json.loads(storage.read_bytes(storage.join(model_version.uri, "promotion.json")))
         except FileNotFoundError:
-            return []
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+            return None
+        except Exception as error:  # boto3 reports a missing key as ClientError / NoSuchKey
+            if _is_missing_object(error):
+                return None
+            raise
 
     def verify(self, name: str, version_or_alias: int | str = "latest") -> ModelVersion:
-        """Re-hash every file of a version in place; raise ``ChecksumMismatch`` on the first bad one."""
+        """Re-hash every stored file of a version; raise ``ChecksumMismatch`` on the first bad one."""
         model_version = self.get(name, version_or_alias)
         for relpath, expected in sorted(model_version.manifest["files"].items()):
-            sha256, num_bytes = _hash_file(model_version.path / relpath)
+            with storage.open_read(storage.join(model_version.uri, relpath)) as reader:
+                sha256, num_bytes = _hash_stream(reader)
             _check_file(relpath, expected, sha256, num_bytes)
         return model_version
 
     def download(self, name: str, version_or_alias: int | str, dest: str | Path) -> Path:
-        """Copy a version's files and ``manifest.json`` into ``dest``, verifying every sha256.
+        """Copy a version's files and ``manifest.json`` into the local ``dest``, verifying every sha256.
 
         The hash is taken of the bytes as they are copied, so what lands in ``dest`` is what
         was checked. On a mismatch the bad copy is removed and ``ChecksumMismatch`` names
@@ -308,7 +444,8 @@ class Registry:
         dest.mkdir(parents=True, exist_ok=True)
         for relpath, expected in sorted(model_version.manifest["files"].items()):
             target = dest / relpath
-            sha256, num_bytes = self._copy_file_hashed(model_version.path / relpath, target)
+            with storage.open_read(storage.join(model_version.uri, relpath)) as reader:
+                sha256, num_bytes = _copy_stream_hashed(reader, target)
             try:
                 _check_file(relpath, expected, sha256, num_bytes)
             except ChecksumMismatch:
@@ -332,10 +469,17 @@ class Registry:
 
         "Beats" means ``candidate - champion >= min_delta`` for ``mode="max"`` and
         ``champion - candidate >= min_delta`` for ``mode="min"``, reading
-        ``manifest["metrics"][metric]`` of both. With no current holder the candidate is
-        promoted. A champion without the metric is not replaced (the numbers are not
-        comparable; use ``set_alias`` to override by hand). The decision is returned and also
-        written to ``versions/<N>/promotion.json`` (outside the checksummed files).
+        ``manifest["metrics"][metric]`` of both. Both must be scored on the same eval set:
+        when their ``manifest["eval_set"]["fingerprint"]`` differ (or only one has one), the
+        numbers are not comparable and the alias stays. With no current holder the candidate
+        is promoted. A holder without the metric is not replaced (use ``set_alias`` to
+        override by hand).
+
+        Manifests are immutable, so the decision is returned and written to
+        ``versions/<N>/promotion.json`` beside the version (outside the checksummed files);
+        ``Registry.promotion`` reads it back. Read, decide and move are one compare-and-swap
+        on the alias history: if another process moves the alias in between, the gate decides
+        again against the new holder.
 
         Example, ``mode="min"`` on ``eval_loss`` with ``min_delta=0.05``: champion 2.00,
         candidate 1.97 -> not promoted (0.03 < 0.05); candidate 1.90 -> promoted.
@@ -349,52 +493,69 @@ class Registry:
             raise ValueError(
                 f"version {candidate.version} of {name!r} has no metric {metric!r} in its manifest"
             )
-
-        # The lock makes read-decide-move one step, so two concurrent gates cannot both
-        # compare against the same old champion and overwrite each other.
-        with self._alias_lock(name):
-            champion_version = self.aliases(name).get(alias)
-            champion_value = None
+        candidate_eval_set = _eval_set_of(candidate)
+        while True:
+            seq, current = self._latest_alias_entry(name, alias)
+            champion_version = None if current is None else int(current["version"])
+            champion_value = champion_eval_set = None
             if champion_version is not None:
-                champion_value = _metric_of(self.get(name, champion_version), metric)
+                champion = self.get(name, champion_version)
+                champion_value, champion_eval_set = _metric_of(champion, metric), _eval_set_of(champion)
             promoted, reason = _gate_decision(
                 candidate.version, candidate_value, champion_version, champion_value,
                 min_delta=min_delta, mode=mode, alias=alias, metric=metric,
+                candidate_eval_set=candidate_eval_set, champion_eval_set=champion_eval_set,
             )
-            decision = {
-                "promoted": promoted,
-                "alias": alias,
-                "metric": metric,
-                "mode": mode,
-                "version": candidate.version,
-                "candidate_value": candidate_value,
-                "champion_version": champion_version,
-                "champion_value": champion_value,
-                "min_delta": min_delta,
-                "reason": reason,
-                "decided_at": _utc_now_iso(),
-            }
-            if promoted:
-                self._set_alias_locked(name, alias, candidate.version, who=None, run=run, reason=reason)
-            self._write_bytes_atomic(candidate.path / "promotion.json", _dump_json(decision))
+            if promoted and self._try_move_alias(
+                name, alias, candidate.version, seq, current, who=None, run=run, reason=reason
+            ) is None:
+                continue  # the alias moved under us: decide again against its new holder
+            break
+        decision = {
+            "promoted": promoted,
+            "alias": alias,
+            "metric": metric,
+            "mode": mode,
+            "version": candidate.version,
+            "candidate_value": candidate_value,
+            "champion_version": champion_version,
+            "champion_value": champion_value,
+            "candidate_eval_set": candidate_eval_set,
+            "champion_eval_set": champion_eval_set,
+            "min_delta": min_delta,
+            "reason": reason,
+            "run": run,
+            "decided_at": _utc_now_iso(),
+        }
+        storage.write_bytes(storage.join(candidate.uri, "promotion.json"), _dump_json(decision))
         return decision
 
     # ------------------------------------------------------------------ internals
 
-    def _version_dir(self, name: str, version: int) -> Path:
-        return self.root / name / "versions" / str(version)
+    def _uri(self, name: str, *parts: str) -> str:
+        return storage.join(self.root, name, *parts)
+
+    def _version_uri(self, name: str, version: int) -> str:
+        return self._uri(name, "versions", str(version))
+
+    def _manifest_uri(self, name: str, version: int) -> str:
+        return storage.join(self._version_uri(name, version), "manifest.json")
 
     def _read_manifest(self, name: str, version: int) -> dict[str, Any] | None:
         try:
-            return json.loads(self._read_bytes(self._version_dir(name, version) / "manifest.json"))
+            return json.loads(storage.read_bytes(self._manifest_uri(name, version)))
         except FileNotFoundError:
             return None
+        except Exception as error:
+            if _is_missing_object(error):
+                return None
+            raise
 
     def _complete_versions(self, name: str) -> list[int]:
         """Numbers of the versions that have a manifest, ascending."""
         versions = []
-        for entry in self._list_dir(self.root / name / "versions"):
-            if entry.isdigit() and self._exists(self._version_dir(name, int(entry)) / "manifest.json"):
+        for entry in self._backend.list_children(self._uri(name, "versions")):
+            if entry.isdigit() and storage.exists(self._manifest_uri(name, int(entry))):
                 versions.append(int(entry))
         return sorted(versions)
 
@@ -409,126 +570,63 @@ class Registry:
         if version_or_alias == "latest":
             versions = self._complete_versions(name)
             if not versions:
-                raise NotFoundError(f"model {name!r} has no complete version in {str(self.root)!r}")
+                raise NotFoundError(f"model {name!r} has no complete version in {self.root!r}")
             return versions[-1]
         alias = validate_alias(version_or_alias)
-        try:
-            pointer = json.loads(self._read_bytes(self.root / name / "aliases" / f"{alias}.json"))
-        except FileNotFoundError:
-            raise NotFoundError(f"model {name!r} has no alias {alias!r}") from None
-        return int(pointer["version"])
+        _, entry = self._latest_alias_entry(name, alias)
+        if entry is None:
+            raise NotFoundError(f"model {name!r} has no alias {alias!r}")
+        return int(entry["version"])
 
     def _claim_next_version(self, name: str) -> int:
-        """Claim the lowest unused number above every claim and version, exclusively."""
-        claims_dir = self.root / name / "claims"
-        claims_dir.mkdir(parents=True, exist_ok=True)
-        taken = [
-            int(entry)
-            for folder in (claims_dir, self.root / name / "versions")
-            for entry in self._list_dir(folder)
-            if entry.isdigit()
-        ]
-        version = max(taken, default=0) + 1
-        claim = _dump_json({"who": _default_user(), "pid": os.getpid(), "claimed_at": _utc_now_iso()})
-        # A number is ours once the claim file is; a version folder without a claim (copied in
-        # by hand) still blocks its number.
-        while not self._create_exclusive(claims_dir / str(version), claim) or self._exists(
-            self._version_dir(name, version)
+        """Claim the lowest unused number above every claim and version, with create-if-absent."""
+        versions = {int(e) for e in self._backend.list_children(self._uri(name, "versions")) if e.isdigit()}
+        claims = {int(e) for e in self._backend.list_children(self._uri(name, "claims")) if e.isdigit()}
+        version = max(versions | claims, default=0) + 1
+        claim = _dump_json({"who": _default_user(), "host": socket.gethostname(), "pid": os.getpid(),
+                            "claimed_at": _utc_now_iso()})
+        # A number is ours once its claim is; a version folder without a claim (copied in by
+        # hand) still blocks its number.
+        while version in versions or not self._backend.put_if_absent(
+            self._uri(name, "claims", str(version)), claim
         ):
             version += 1
         return version
 
-    def _set_alias_locked(
-        self, name: str, alias: str, version: int, *, who: str | None, run: str | None, reason: str | None
-    ) -> dict[str, Any]:
+    def _alias_entry_uri(self, name: str, alias: str, seq: int) -> str:
+        return self._uri(name, "aliases", alias, "history", f"{seq}.json")
+
+    def _alias_seqs(self, name: str, alias: str) -> list[int]:
+        entries = self._backend.list_children(self._uri(name, "aliases", alias, "history"))
+        return sorted(int(e.removesuffix(".json")) for e in entries
+                      if e.endswith(".json") and e.removesuffix(".json").isdigit())
+
+    def _latest_alias_entry(self, name: str, alias: str) -> tuple[int, dict[str, Any] | None]:
+        """``(seq, entry)`` of the alias's newest history entry; ``(0, None)`` if it was never set."""
+        seqs = self._alias_seqs(name, alias)
+        if not seqs:
+            return 0, None
+        return seqs[-1], json.loads(storage.read_bytes(self._alias_entry_uri(name, alias, seqs[-1])))
+
+    def _try_move_alias(
+        self, name: str, alias: str, version: int, seq: int, current: dict[str, Any] | None,
+        *, who: str | None, run: str | None, reason: str | None,
+    ) -> dict[str, Any] | None:
+        """Claim history entry ``seq + 1``; the entry, or ``None`` if someone claimed it first."""
         entry = {
             "alias": alias,
             "version": version,
-            "previous_version": self.aliases(name).get(alias),
+            "previous_version": None if current is None else int(current["version"]),
             "who": who or _default_user(),
-            "when": _utc_now_iso(),
+            # Microseconds, so alias_history orders moves made within the same second.
+            "when": _utc_now_iso("microseconds"),
             "run": run,
             "reason": reason,
+            "seq": seq + 1,
         }
-        self._write_bytes_atomic(self.root / name / "aliases" / f"{alias}.json", _dump_json(entry))
-        self._append_line(self.root / name / "alias_history.jsonl", json.dumps(entry, sort_keys=True))
-        return entry
-
-    # ------------------------------------------------------------------ storage backend (local folder)
-
-    def _read_bytes(self, path: Path) -> bytes:
-        return path.read_bytes()
-
-    def _write_bytes_atomic(self, path: Path, data: bytes) -> None:
-        """Write to a unique temp file beside ``path``, fsync, then ``os.replace`` over it."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temp_path = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        with open(temp_path, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp_path, path)
-
-    def _create_exclusive(self, path: Path, data: bytes) -> bool:
-        """Create ``path`` holding ``data`` only if it does not exist; ``False`` if it does."""
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        return True
-
-    def _exists(self, path: Path) -> bool:
-        return path.exists()
-
-    def _list_dir(self, path: Path) -> list[str]:
-        try:
-            return os.listdir(path)
-        except FileNotFoundError:
-            return []
-
-    def _rename(self, source: Path, target: Path) -> None:
-        """Atomically move a complete staging folder to its final place (same filesystem)."""
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(source, target)
-        # Make the rename itself durable, not just the files it moved.
-        fd = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def _append_line(self, path: Path, line: str) -> None:
-        # One write() of a short line on an O_APPEND file lands whole, never interleaved.
-        with open(path, "a", encoding="utf-8") as handle:
-            handle.write(line + "\n")
-
-    def _copy_file_hashed(self, source: Path, target: Path) -> tuple[str, int]:
-        """Copy ``source`` to ``target`` (fsynced); return sha256 and size of the bytes copied."""
-        target.parent.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha256()
-        num_bytes = 0
-        with open(source, "rb") as reader, open(target, "wb") as writer:
-            while chunk := reader.read(_COPY_CHUNK_BYTES):
-                digest.update(chunk)
-                writer.write(chunk)
-                num_bytes += len(chunk)
-            writer.flush()
-            os.fsync(writer.fileno())
-        return digest.hexdigest(), num_bytes
-
-    @contextlib.contextmanager
-    def _alias_lock(self, name: str) -> Iterator[None]:
-        """Serialise alias changes of one model across processes (an advisory ``flock``)."""
-        lock_path = self.root / name / ".alias.lock"
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(lock_path, "a") as handle:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        if self._backend.put_if_absent(self._alias_entry_uri(name, alias, seq + 1), _dump_json(entry)):
+            return entry
+        return None
 
 
 # ---------------------------------------------------------------------- small pure helpers
@@ -538,6 +636,20 @@ def _dump_json(value: Any) -> bytes:
     return (json.dumps(value, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
 
+def _is_alias(entry: str) -> bool:
+    try:
+        validate_alias(entry)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_missing_object(error: Exception) -> bool:
+    """Whether a boto3 error means "no such key" (storage.read_bytes raises it as is)."""
+    code = getattr(error, "response", {}).get("Error", {}).get("Code")
+    return code in ("NoSuchKey", "404", "NotFound")
+
+
 def _as_version_number(version: int | str) -> int:
     is_number = isinstance(version, int) or (isinstance(version, str) and version.isdigit())
     if isinstance(version, bool) or not is_number:
@@ -545,13 +657,27 @@ def _as_version_number(version: int | str) -> int:
     return int(version)
 
 
-def _hash_file(path: Path) -> tuple[str, int]:
+def _hash_stream(reader: BinaryIO) -> tuple[str, int]:
     digest = hashlib.sha256()
     num_bytes = 0
-    with open(path, "rb") as reader:
+    while chunk := reader.read(_COPY_CHUNK_BYTES):
+        digest.update(chunk)
+        num_bytes += len(chunk)
+    return digest.hexdigest(), num_bytes
+
+
+def _copy_stream_hashed(reader: BinaryIO, target: Path) -> tuple[str, int]:
+    """Copy ``reader`` to the local file ``target`` (fsynced); sha256 and size of the bytes copied."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    num_bytes = 0
+    with open(target, "wb") as writer:
         while chunk := reader.read(_COPY_CHUNK_BYTES):
             digest.update(chunk)
+            writer.write(chunk)
             num_bytes += len(chunk)
+        writer.flush()
+        os.fsync(writer.fileno())
     return digest.hexdigest(), num_bytes
 
 
@@ -565,6 +691,11 @@ def _metric_of(model_version: ModelVersion, metric: str) -> float | None:
     return None if value is None else float(value)
 
 
+def _eval_set_of(model_version: ModelVersion) -> str | None:
+    """The fingerprint of the eval split the version's metrics were computed on, if recorded."""
+    return (model_version.manifest.get("eval_set") or {}).get("fingerprint")
+
+
 def _gate_decision(
     candidate_version: int,
     candidate_value: float,
@@ -575,14 +706,30 @@ def _gate_decision(
     mode: str,
     alias: str,
     metric: str,
+    candidate_eval_set: str | None = None,
+    champion_eval_set: str | None = None,
 ) -> tuple[bool, str]:
-    """Return ``(promoted, reason)``; see ``Registry.promote_if_better``."""
+    """Return ``(promoted, reason)``; see ``Registry.promote_if_better``.
+
+    Example:
+        >>> _gate_decision(3, 0.7, 2, 0.6, min_delta=0.05, mode="max", alias="champion",
+        ...                metric="task_score", candidate_eval_set="e1", champion_eval_set="e1")
+        (True, 'promoted: task_score 0.7 vs champion v2 0.6 (higher is better, improvement 0.1, min_delta 0.05)')
+        >>> _gate_decision(3, 0.7, 2, 0.6, min_delta=0.05, mode="max", alias="champion",
+        ...                metric="task_score", candidate_eval_set="e2", champion_eval_set="e1")[1]
+        "kept: champion v2 was scored on eval set 'e1', the candidate on 'e2'; the numbers are not comparable"
+    """
     if math.isnan(candidate_value):
         return False, f"candidate {metric} is NaN"
     if champion_version is None:
         return True, f"no current {alias}"
     if champion_version == candidate_version:
         return False, f"version {candidate_version} already is {alias}"
+    if candidate_eval_set != champion_eval_set:
+        return False, (
+            f"kept: {alias} v{champion_version} was scored on eval set {champion_eval_set!r}, "
+            f"the candidate on {candidate_eval_set!r}; the numbers are not comparable"
+        )
     if champion_value is None or math.isnan(champion_value):
         return False, f"{alias} v{champion_version} has no comparable {metric}; use set_alias to override"
     improvement = candidate_value - champion_value if mode == "max" else champion_value - candidate_value
@@ -685,9 +832,8 @@ def _show(registry: Registry, name: str, version_or_alias: str) -> str:
     if metrics:
         metric_rows = [[key, _format_value(metrics[key])] for key in sorted(metrics)]
         sections.append(_format_table(["metric", "value"], metric_rows))
-    promotion_path = v.path / "promotion.json"
-    if registry._exists(promotion_path):
-        decision = json.loads(registry._read_bytes(promotion_path))
+    decision = registry.promotion(name, v.version)
+    if decision is not None:
         sections.append(f"last gate decision: promoted={decision['promoted']} ({decision['reason']})")
     file_rows = [[relpath, str(entry["bytes"]), entry["sha256"]] for relpath, entry in sorted(files.items())]
     sections.append(_format_table(["file", "bytes", "sha256"], file_rows))
@@ -698,7 +844,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m steps.registry", description="Inspect and manage the model registry."
     )
-    parser.add_argument("--root", required=True, help="registry root folder")
+    parser.add_argument("--root", required=True, help="registry root: a folder or s3://bucket/prefix")
     commands = parser.add_subparsers(dest="command", required=True)
     list_parser = commands.add_parser("list", help="list models, or the versions of one model")
     list_parser.add_argument("name", nargs="?")

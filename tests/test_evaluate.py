@@ -93,6 +93,31 @@ def test_batched_greedy_equals_one_prompt_at_a_time(model, tokenizer):
     assert tokenizer.padding_side == padding_side
 
 
+def test_generation_is_batched_left_padded_with_kv_cache(model, tokenizer, monkeypatch):
+    """11 prompts at batch_size 4 take ceil(11 / 4) = 3 generate() calls of 4, 4 and 3 rows, each
+    left-padded (zeros of the attention mask only on the left) and with the KV cache on: what
+    makes 500 prompts take seconds on the tiny model (a test never asserts wall time)."""
+    prompts = PROMPTS * 2 + [[{"role": "user", "content": "One more request"}]]
+    calls = []
+    generate = model.generate
+
+    def counting_generate(**kwargs):
+        calls.append(kwargs)
+        return generate(**kwargs)
+
+    monkeypatch.setattr(model, "generate", counting_generate)
+    answers = generate_greedy(model, tokenizer, prompts, max_new_tokens=4, batch_size=4)
+
+    assert len(answers) == 11
+    assert [call["input_ids"].shape[0] for call in calls] == [4, 4, 3]
+    assert all(call["use_cache"] is True and call["do_sample"] is False for call in calls)
+    for call in calls:
+        mask = call["attention_mask"]
+        # Left padding: once a row's mask turns 1 it stays 1, and every row ends on a real token.
+        assert torch.equal(mask, mask.cummax(dim=1).values) and bool(mask[:, -1].all())
+    assert any(bool((call["attention_mask"] == 0).any()) for call in calls)
+
+
 def test_generation_decodes_only_new_tokens(model, tokenizer):
     prompt_ids = tokenizer.apply_chat_template(
         PROMPTS[0], add_generation_prompt=True, tokenize=True, return_dict=True
@@ -146,11 +171,11 @@ def test_heldout_loss_equals_each_document_alone(model, tmp_path, batch_rows):
 
     loss_sum, num_tokens, num_correct = per_document_reference(model, [DOC_A, DOC_B, DOC_C])
     assert num_tokens == 12  # A: 4 targets, B: 4 (its first token is no target), C: 4
-    assert sorted(result) == ["eval_loss", "num_eval_tokens", "perplexity", "token_accuracy"]
+    assert sorted(result) == ["assistant_token_accuracy", "eval_loss", "num_eval_tokens", "perplexity"]
     assert result["num_eval_tokens"] == 12
     assert abs(result["eval_loss"] - loss_sum / num_tokens) < 1e-5
     assert result["perplexity"] == pytest.approx(math.exp(loss_sum / num_tokens), rel=1e-5)
-    assert result["token_accuracy"] == num_correct / num_tokens
+    assert result["assistant_token_accuracy"] == num_correct / num_tokens
 
 
 def test_heldout_loss_is_document_isolated(model, tmp_path):
