@@ -18,12 +18,16 @@ template renders ``messages[:i]`` with the generation prompt (``P``) and ``messa
 what "the template does not rewrite earlier turns" means; the content is then searched in
 ``F[len(P):]`` (verbatim, or trimmed for templates that ``| trim``), and what follows it up to
 trailing whitespace must be end-of-turn tokens. Where a template has generation markers the
-labels equal transformers' ``return_assistant_tokens_mask`` (a test checks this).
+labels equal transformers' ``return_assistant_tokens_mask`` (a test checks this), and
+:func:`tokenize_dataset` takes the marked spans from one render per conversation once they
+agreed with the content search on the first conversations (``_MarkerShortcut``).
 """
 
 from __future__ import annotations
 
 import os
+import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from steps.packing import IGNORE_INDEX, pack_best_fit_decreasing, pack_row
+from steps.packing import IGNORE_INDEX, pack_documents, pack_row
 
 TRUNCATION_MODES = ("drop", "turn")
 TOKEN_SHARD_SCHEMA = pa.schema([
@@ -47,7 +51,27 @@ TOKENIZE_BATCH_SIZE = 512
 
 
 class ChatTemplateError(ValueError):
-    """The chat template cannot give assistant-only labels for a conversation (the message says why)."""
+    """The chat template cannot give assistant-only labels for a conversation (the message says why).
+
+    ``reason`` says whose fault it is. Problems of one conversation (the data's) are counted and
+    skipped by :func:`tokenize_dataset`; problems of the template fail the step:
+
+    - ``template_raised``: the template's own ``raise_exception`` (roles that do not alternate,
+      a role it does not know) -- a conversation the template does not support;
+    - ``token_joins_template_text``: the tokenizer merges the content's first or last
+      characters with template text -- depends on the content;
+    - ``rewrites_earlier_turns``, ``content_not_rendered``, ``end_of_turn_not_special``: the
+      template itself cannot be masked reliably.
+    """
+
+    RECORD_REASONS = ("template_raised", "token_joins_template_text")
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self):  # so that it crosses from a worker process with its reason
+        return type(self), (str(self), self.reason)
 
 
 class ConversationTooLong(ValueError):
@@ -104,7 +128,8 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False
     except jinja2.TemplateError as error:
         # Templates raise_exception() on conversations they do not support (roles that
         # do not alternate, unknown roles); the template's own message says what is wrong.
-        raise ChatTemplateError(f"the chat template rejected the first {len(messages)} messages: {error}") from error
+        raise ChatTemplateError(f"the chat template rejected the first {len(messages)} messages: {error}",
+                                "template_raised") from error
 
 
 class _EndOfTurnCheck:
@@ -156,7 +181,7 @@ def _prompt_end(tokenizer, chat: list[dict], index: int, turn_text: str) -> int:
         return len(prompt)
     raise ChatTemplateError(
         f"chat template rewrites earlier turns: the rendering of the first {index} messages is not a prefix "
-        f"of the full conversation (it changes once assistant message {index} follows)")
+        f"of the full conversation (it changes once assistant message {index} follows)", "rewrites_earlier_turns")
 
 
 def _render_conversation(tokenizer, messages: Sequence[Mapping],
@@ -172,19 +197,80 @@ def _render_conversation(tokenizer, messages: Sequence[Mapping],
         if not text.startswith(turn_text):
             raise ChatTemplateError(
                 f"chat template rewrites earlier turns: the rendering of the first {index + 1} messages is not a "
-                f"prefix of the full conversation ({len(chat)} messages)")
+                f"prefix of the full conversation ({len(chat)} messages)", "rewrites_earlier_turns")
         search_start = _prompt_end(tokenizer, chat, index, turn_text)
         span = _find_content(turn_text, search_start, message["content"], is_end_of_turn)
         if span is None:
             rendered_turn = turn_text[search_start:]
             if message["content"].strip() in rendered_turn:
+                reason = "end_of_turn_not_special"
                 problem = ("what follows its content is not end-of-turn text (the tokenizer's special or added "
                            "tokens, and whitespace)")
             else:
+                reason = "content_not_rendered"
                 problem = "the chat template does not render its content verbatim (nor trimmed)"
-            raise ChatTemplateError(f"assistant message {index}: {problem}; rendered turn: {rendered_turn!r}")
+            raise ChatTemplateError(f"assistant message {index}: {problem}; rendered turn: {rendered_turn!r}", reason)
         spans.append(_TrainedSpan(index, *span))
     return _RenderedConversation(text, spans)
+
+
+class _MarkerShortcut:
+    """One render per conversation for templates with ``{% generation %}`` markers, once proven.
+
+    :func:`_render_conversation` renders every trained turn's prefixes (up to three renders
+    per turn) to find its text. Where the template marks the assistant's text itself, one
+    render gives every span (what ``return_assistant_tokens_mask`` uses). The marked spans
+    are used only after they gave the same trained characters as the content search on the
+    first ``NUM_CHECKED`` conversations of this process; one disagreement (say, markers that
+    leave the end-of-turn token out) and the content search is used for everything.
+    """
+
+    NUM_CHECKED = 64
+
+    def __init__(self, tokenizer):
+        try:
+            template = tokenizer.get_chat_template()
+        except (ValueError, TypeError):
+            template = None
+        self.template = template
+        self.enabled = bool(template) and re.search(r"\{%-?\s*generation\s*-?%\}", template) is not None
+        self.num_agreed = 0
+
+    def _render_marked(self, tokenizer, messages: Sequence[Mapping]) -> _RenderedConversation | None:
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        chat = [{"role": message["role"], "content": message["content"]} for message in messages]
+        try:
+            # What apply_chat_template(tokenize=False) does for plain dict messages.
+            rendered, indices = render_jinja_template(conversations=[chat], chat_template=self.template,
+                                                      return_assistant_tokens_mask=True,
+                                                      **tokenizer.special_tokens_map)
+        except jinja2.TemplateError as error:
+            raise ChatTemplateError(f"the chat template rejected the first {len(chat)} messages: {error}",
+                                    "template_raised") from error
+        assistant_indices = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
+        if len(indices[0]) != len(assistant_indices):
+            return None  # blocks and assistant turns do not pair up: let the content search decide
+        spans = [_TrainedSpan(index, start, end, end) for index, (start, end) in zip(assistant_indices, indices[0])
+                 if messages[index].get("train") is not False]
+        return _RenderedConversation(rendered[0], spans)
+
+    def render(self, tokenizer, messages: Sequence[Mapping], is_end_of_turn: _EndOfTurnCheck) -> _RenderedConversation:
+        if not self.enabled:
+            return _render_conversation(tokenizer, messages, is_end_of_turn)
+        marked = self._render_marked(tokenizer, messages)
+        if marked is not None and self.num_agreed >= self.NUM_CHECKED:
+            return marked
+        searched = _render_conversation(tokenizer, messages, is_end_of_turn)
+        if marked is not None and searched.spans:
+            def trained_characters(rendered):
+                return rendered.text, [(span.message_index, span.content_start, span.end) for span in rendered.spans]
+
+            if trained_characters(marked) == trained_characters(searched):
+                self.num_agreed += 1
+            else:
+                self.enabled = False
+        return searched
 
 
 def _find_content(turn_text: str, search_start: int, content: str,
@@ -219,8 +305,8 @@ def _trained_mask(rendered: _RenderedConversation, offsets: Sequence[tuple[int, 
     text with the content would make the content untrainable on its own, so it is an error.
     """
     text = rendered.text
-    starts = np.fromiter((start for start, _ in offsets), dtype=np.int64, count=len(offsets))
-    ends = np.fromiter((end for _, end in offsets), dtype=np.int64, count=len(offsets))
+    bounds = np.asarray(offsets, dtype=np.int64).reshape(len(offsets), 2)
+    starts, ends = bounds[:, 0], bounds[:, 1]
     trained = np.zeros(len(offsets), dtype=bool)
     turn_token_ends = []
     for span in rendered.spans:
@@ -235,7 +321,7 @@ def _trained_mask(rendered: _RenderedConversation, offsets: Sequence[tuple[int, 
                     f"assistant message {span.message_index}: token "
                     f"{tokenizer.convert_ids_to_tokens(int(input_ids[token_index]))!r} (characters {start}:{end}) "
                     f"joins the template's text {outside!r} to the trained turn, so the turn cannot be trained "
-                    f"on its own tokens")
+                    f"on its own tokens", "token_joins_template_text")
         trained[overlap] = True
         turn_token_ends.append(int(overlap[-1]) + 1)
     return trained, turn_token_ends
@@ -261,6 +347,17 @@ def _check_tokenizer(tokenizer, truncation: str) -> None:
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"{type(tokenizer).__name__} is not a fast tokenizer; assistant labels need its "
                          f"offset mapping")
+
+
+def _encode(tokenizer, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """``(input_ids, character offsets)`` of each text, no special tokens added: BOS comes from the template.
+
+    The same as ``tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)``
+    (a test compares with ``apply_chat_template(tokenize=True)``), straight from the Rust
+    tokenizer: converting its encodings to a ``BatchEncoding`` costs as much as encoding.
+    """
+    encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+    return [(encoding.ids, encoding.offsets) for encoding in encodings]
 
 
 def tokenize_conversation(tokenizer, messages: Sequence[Mapping], max_tokens: int | None = None,
@@ -297,9 +394,8 @@ def tokenize_conversation(tokenizer, messages: Sequence[Mapping], max_tokens: in
     """
     _check_tokenizer(tokenizer, truncation)
     rendered = _render_conversation(tokenizer, messages)
-    encoding = tokenizer(rendered.text, return_offsets_mapping=True, add_special_tokens=False)
-    input_ids = encoding["input_ids"]
-    trained, turn_token_ends = _trained_mask(rendered, encoding["offset_mapping"], input_ids, tokenizer)
+    ((input_ids, offsets),) = _encode(tokenizer, [rendered.text])
+    trained, turn_token_ends = _trained_mask(rendered, offsets, input_ids, tokenizer)
     num_kept = _limit_length(len(input_ids), trained, turn_token_ends, max_tokens, truncation)
     labels = [token if is_trained else IGNORE_INDEX for token, is_trained in zip(input_ids, trained.tolist())]
     return TokenizedConversation(input_ids[:num_kept], labels[:num_kept], truncated=num_kept < len(input_ids))
@@ -344,71 +440,168 @@ def _write_token_shard(path: Path, rows: list[dict[str, np.ndarray]]) -> None:
     os.replace(staging, path)  # a reader never sees half a shard
 
 
+def _label_batch(settings: tuple, conversations: list) -> list:
+    """Render, tokenize (one call) and label a batch; one outcome per conversation, in order.
+
+    An outcome is ``(input_ids int32 array, trained bool array, truncated)``, ``"no_trained_tokens"``,
+    ``"too_long"``, or the ``ChatTemplateError`` (the caller decides whose fault it is).
+    """
+    tokenizer, is_end_of_turn, shortcut, max_seq_tokens, truncation = settings
+    outcomes: list = [None] * len(conversations)
+    rendered, positions = [], []
+    for position, messages in enumerate(conversations):
+        try:
+            rendered.append(shortcut.render(tokenizer, messages, is_end_of_turn))
+            positions.append(position)
+        except ChatTemplateError as error:
+            outcomes[position] = error
+    if not rendered:
+        return outcomes
+    encodings = _encode(tokenizer, [item.text for item in rendered])
+    for position, item, (input_ids, offsets) in zip(positions, rendered, encodings):
+        try:
+            trained, turn_token_ends = _trained_mask(item, offsets, input_ids, tokenizer)
+            num_kept = _limit_length(len(input_ids), trained, turn_token_ends, max_seq_tokens, truncation)
+        except ChatTemplateError as error:
+            outcomes[position] = error
+        except NoTrainedTokens:
+            outcomes[position] = "no_trained_tokens"
+        except ConversationTooLong:
+            outcomes[position] = "too_long"
+        else:
+            outcomes[position] = (np.asarray(input_ids[:num_kept], dtype=np.int32), trained[:num_kept],
+                                  num_kept < len(input_ids))
+    return outcomes
+
+
+_WORKER_SETTINGS: tuple | None = None
+
+
+def _init_worker(settings: tuple) -> None:
+    global _WORKER_SETTINGS
+    _WORKER_SETTINGS = settings
+
+
+def _label_batch_in_worker(job: tuple) -> tuple:
+    uri, record_ids, conversations = job
+    return uri, record_ids, _label_batch(_WORKER_SETTINGS, conversations)
+
+
+class _BatchLabeller:
+    """Runs :func:`_label_batch` over batches, in this process or in a pool, results in input order.
+
+    With workers, at most ``4 * num_workers`` batches are in flight, so memory does not grow
+    with the dataset; the results (and so the rows) are the same for any number of workers.
+    """
+
+    def __init__(self, settings: tuple, num_workers: int):
+        self.settings, self.num_workers = settings, num_workers
+        self.pool = None
+
+    def __enter__(self) -> _BatchLabeller:
+        if self.num_workers > 1:
+            import multiprocessing
+
+            self.pool = multiprocessing.get_context("fork" if os.name == "posix" else "spawn").Pool(
+                self.num_workers, initializer=_init_worker, initargs=(self.settings,))
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+
+    def run(self, jobs):
+        if self.pool is None:
+            for uri, record_ids, conversations in jobs:
+                yield uri, record_ids, _label_batch(self.settings, conversations)
+            return
+        window = []
+        for job in jobs:
+            window.append(job)
+            if len(window) == 4 * self.num_workers:
+                yield from self.pool.map(_label_batch_in_worker, window, chunksize=1)
+                window = []
+        if window:
+            yield from self.pool.map(_label_batch_in_worker, window, chunksize=1)
+
+
 def tokenize_dataset(tokenizer, data_uris: Sequence[str], out_dir: Path, *, max_seq_tokens: int, truncation: str,
-                     rows_per_shard: int = 20000) -> dict:
+                     rows_per_shard: int = 20000, max_reject_fraction: float = 0.0, num_workers: int = 1) -> dict:
     """Tokenize the conversations of data shards, pack them into rows, and write token shards.
 
     Each conversation goes through the same rendering and labelling as
     :func:`tokenize_conversation` (the text of a batch is tokenized in one call). Those
     longer than ``max_seq_tokens`` are dropped or cut per ``truncation``, those without a
-    trained token are dropped, and the rest are packed best-fit-decreasing into rows of at
-    most ``max_seq_tokens`` (see ``steps.packing``). Rows go to
+    trained token are dropped, those the template cannot handle (``ChatTemplateError.reason``
+    in ``RECORD_REASONS``, e.g. roles that do not alternate) are counted by reason, and the
+    rest are packed into rows of at most ``max_seq_tokens`` (best fit decreasing plus a refill
+    pass, see ``steps.packing.pack_documents``). Rows go to
     ``out_dir/part-00000.parquet, ...`` (``input_ids``, ``labels``, ``position_ids``: int32
-    lists, not padded), ``rows_per_shard`` rows each. The same inputs always give the same rows.
+    lists, not padded), ``rows_per_shard`` rows each. The same inputs always give the same rows,
+    with any ``num_workers`` (processes that render and label batches; packing is in this one).
 
     Returns:
         ``{"uris", "num_conversations" (read), "num_packed_conversations", "num_rows",
         "num_tokens" (real tokens), "num_trained_tokens", "num_truncated", "num_dropped_too_long",
-        "num_no_trained_tokens", "packing_efficiency" (num_tokens / (num_rows * max_seq_tokens)),
-        "max_seq_tokens"}``, for example (short chats, 256-token rows)::
+        "num_no_trained_tokens", "num_template_rejects", "template_reject_reasons" ({reason: count}),
+        "packing_efficiency" (num_tokens / (num_rows * max_seq_tokens)), "max_seq_tokens"}``,
+        for example (the default recipe's train split: builtin catalog chats, 256-token rows)::
 
-            {"uris": [".../part-00000.parquet"], "num_conversations": 12000, "num_packed_conversations": 11998,
-             "num_rows": 5123, "num_tokens": 1290000, ..., "packing_efficiency": 0.984, "max_seq_tokens": 256}
+            {"uris": [".../part-00000.parquet"], "num_conversations": 10708, "num_packed_conversations": 10708,
+             "num_rows": 2697, "num_tokens": 681159, ..., "packing_efficiency": 0.987, "max_seq_tokens": 256}
 
     Raises:
-        ChatTemplateError: naming the shard and record id, as for :func:`tokenize_conversation`.
+        ChatTemplateError: the template itself cannot be masked (naming the shard and record
+            id, as for :func:`tokenize_conversation`), or it rejects more than
+            ``max_reject_fraction`` of the conversations (naming the reasons and the first).
     """
     _check_tokenizer(tokenizer, truncation)
-    if max_seq_tokens < 1 or rows_per_shard < 1:
-        raise ValueError(f"max_seq_tokens and rows_per_shard must be >= 1, got {max_seq_tokens}, {rows_per_shard}")
-    is_end_of_turn = _EndOfTurnCheck(tokenizer)
+    if max_seq_tokens < 1 or rows_per_shard < 1 or num_workers < 1:
+        raise ValueError(f"max_seq_tokens, rows_per_shard and num_workers must be >= 1, got {max_seq_tokens}, "
+                         f"{rows_per_shard}, {num_workers}")
     doc_input_ids: list[np.ndarray] = []
     doc_trained: list[np.ndarray] = []
     counts = {"num_conversations": 0, "num_truncated": 0, "num_dropped_too_long": 0, "num_no_trained_tokens": 0}
+    template_rejects: Counter[str] = Counter()
+    first_template_reject = ""
 
-    for uri in data_uris:
-        table = pq.read_table(uri, columns=["id", "messages"])
-        record_ids = table.column("id").to_pylist()
-        conversations = table.column("messages").to_pylist()
-        for batch_start in range(0, len(conversations), TOKENIZE_BATCH_SIZE):
-            batch_ids = record_ids[batch_start: batch_start + TOKENIZE_BATCH_SIZE]
-            rendered = []
-            for record_id, messages in zip(batch_ids, conversations[batch_start: batch_start + TOKENIZE_BATCH_SIZE]):
-                try:
-                    rendered.append(_render_conversation(tokenizer, messages, is_end_of_turn))
-                except ChatTemplateError as error:
-                    raise ChatTemplateError(f"{uri}, record {record_id}: {error}") from error
-            encodings = tokenizer([item.text for item in rendered], return_offsets_mapping=True,
-                                  add_special_tokens=False)
-            for record_id, item, input_ids, offsets in zip(batch_ids, rendered, encodings["input_ids"],
-                                                           encodings["offset_mapping"]):
+    def batches():
+        for uri in data_uris:
+            # Batches of a shard, not the whole shard: memory holds a few batches of
+            # conversations plus the token arrays of the documents kept so far.
+            for batch in pq.ParquetFile(uri).iter_batches(batch_size=TOKENIZE_BATCH_SIZE, columns=["id", "messages"]):
+                yield uri, batch.column("id").to_pylist(), batch.column("messages").to_pylist()
+
+    settings = (tokenizer, _EndOfTurnCheck(tokenizer), _MarkerShortcut(tokenizer), max_seq_tokens, truncation)
+    with _BatchLabeller(settings, num_workers) as labeller:
+        for uri, record_ids, outcomes in labeller.run(batches()):
+            for record_id, outcome in zip(record_ids, outcomes):
                 counts["num_conversations"] += 1
-                try:
-                    trained, turn_token_ends = _trained_mask(item, offsets, input_ids, tokenizer)
-                    num_kept = _limit_length(len(input_ids), trained, turn_token_ends, max_seq_tokens, truncation)
-                except ChatTemplateError as error:
-                    raise ChatTemplateError(f"{uri}, record {record_id}: {error}") from error
-                except NoTrainedTokens:
+                if isinstance(outcome, ChatTemplateError):
+                    # Problems of one conversation are counted; a template that cannot be masked fails the step.
+                    if outcome.reason not in ChatTemplateError.RECORD_REASONS:
+                        raise ChatTemplateError(f"{uri}, record {record_id}: {outcome}", outcome.reason) from outcome
+                    template_rejects[outcome.reason] += 1
+                    first_template_reject = first_template_reject or f"{uri}, record {record_id}: {outcome}"
+                elif outcome == "no_trained_tokens":
                     counts["num_no_trained_tokens"] += 1
-                    continue
-                except ConversationTooLong:
+                elif outcome == "too_long":
                     counts["num_dropped_too_long"] += 1
-                    continue
-                counts["num_truncated"] += num_kept < len(input_ids)
-                doc_input_ids.append(np.asarray(input_ids[:num_kept], dtype=np.int32))
-                doc_trained.append(trained[:num_kept])
+                else:
+                    input_ids, trained, truncated = outcome
+                    counts["num_truncated"] += truncated
+                    doc_input_ids.append(input_ids)
+                    doc_trained.append(trained)
 
-    bins = pack_best_fit_decreasing([len(ids) for ids in doc_input_ids], max_seq_tokens)
+    num_template_rejects = sum(template_rejects.values())
+    if num_template_rejects > max_reject_fraction * counts["num_conversations"]:
+        reasons = ", ".join(f"{reason}: {n}" for reason, n in template_rejects.most_common())
+        raise ChatTemplateError(
+            f"the chat template rejected {num_template_rejects} of {counts['num_conversations']} conversations "
+            f"({reasons}), more than max_reject_fraction={max_reject_fraction}; the first: {first_template_reject}",
+            template_rejects.most_common(1)[0][0])
+    bins = pack_documents([len(ids) for ids in doc_input_ids], max_seq_tokens)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob("part-*.parquet"):  # a retried step must not leave an earlier attempt's shards
@@ -430,6 +623,8 @@ def tokenize_dataset(tokenizer, data_uris: Sequence[str], out_dir: Path, *, max_
     return {
         "uris": uris,
         **counts,
+        "num_template_rejects": num_template_rejects,
+        "template_reject_reasons": dict(sorted(template_rejects.items())),
         "num_packed_conversations": len(doc_input_ids),
         "num_rows": len(bins),
         "num_tokens": num_tokens,
@@ -454,7 +649,9 @@ def tokenize_splits(recipe, base_model: str | Path, dataset_manifest: dict, run_
     for split, info in dataset_manifest["splits"].items():
         stats[split] = tokenize_dataset(tokenizer, info["uris"], subdir(run_root, "tokens", split),
                                         max_seq_tokens=recipe.tokenize.max_seq_tokens,
-                                        truncation=recipe.tokenize.truncation)
+                                        truncation=recipe.tokenize.truncation,
+                                        max_reject_fraction=recipe.tokenize.max_reject_fraction,
+                                        num_workers=recipe.tokenize.num_workers or os.cpu_count() or 1)
         print(f"tokenize {split}: {stats[split]['num_packed_conversations']} conversations -> "
               f"{stats[split]['num_rows']} rows, packing efficiency {stats[split]['packing_efficiency']:.3f}")
     if stats["train"]["num_rows"] == 0:

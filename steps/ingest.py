@@ -11,24 +11,33 @@ row) and reason, and is counted by reason. Exact duplicates are dropped and coun
 train/eval split is decided by a hash of each conversation's content, so a conversation
 stays on its side when data is appended::
 
-    >>> split_of("5f2b...", eval_fraction=0.05)   # depends only on the id
+    >>> split_of("5f2b" + "0" * 60, eval_fraction=0.05)   # depends only on the id
     'train'
+
+Sources (``data.sources``, each a URI with an optional ``weight``): ``builtin:catalog``; JSONL
+(optionally ``.gz``) on a local path or ``s3://``; a Parquet file, or a folder / ``s3://``
+prefix of Parquet files; a local folder written by ``datasets``' ``save_to_disk``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
+import math
+import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from steps.config import Recipe, warn_ignored
+from steps import storage
+from steps.config import Recipe
 from steps.storage import require_local, subdir
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -79,11 +88,18 @@ def _message(role: object, content: object, train: object, index: int) -> dict:
     return {"role": role, "content": content, "train": train}
 
 
+def _train_flag(message: dict) -> object:
+    """A message's ``train`` flag: True where it is missing (or null, as in Parquet rows)."""
+    train = message.get("train")
+    return True if train is None else train
+
+
 def normalize_record(record: object) -> list[dict]:
     """Return the record's conversation as ``[{role, content, train}]`` or raise ``InvalidRecord``."""
     if not isinstance(record, dict):
         raise InvalidRecord("not_an_object", type(record).__name__)
-    if "messages" in record:
+    # Parquet and datasets rows have every column of the file, None where a record lacks it.
+    if record.get("messages") is not None:
         raw = record["messages"]
         if not isinstance(raw, list):
             raise InvalidRecord("bad_messages", "'messages' is not a list")
@@ -91,8 +107,8 @@ def normalize_record(record: object) -> list[dict]:
         for i, m in enumerate(raw):
             if not isinstance(m, dict):
                 raise InvalidRecord("bad_messages", f"message {i} is not an object")
-            messages.append(_message(m.get("role"), m.get("content"), m.get("train", True), i))
-    elif "conversations" in record:
+            messages.append(_message(m.get("role"), m.get("content"), _train_flag(m), i))
+    elif record.get("conversations") is not None:
         raw = record["conversations"]
         if not isinstance(raw, list):
             raise InvalidRecord("bad_messages", "'conversations' is not a list")
@@ -101,8 +117,8 @@ def normalize_record(record: object) -> list[dict]:
             if not isinstance(m, dict):
                 raise InvalidRecord("bad_messages", f"turn {i} is not an object")
             role = SHAREGPT_ROLES.get(m.get("from"), m.get("from"))
-            messages.append(_message(role, m.get("value"), m.get("train", True), i))
-    elif "prompt" in record and "completion" in record:
+            messages.append(_message(role, m.get("value"), _train_flag(m), i))
+    elif record.get("prompt") is not None and record.get("completion") is not None:
         messages = [_message("user", record["prompt"], True, 0),
                     _message("assistant", record["completion"], True, 1)]
     else:
@@ -129,11 +145,50 @@ def split_of(record_id: str, eval_fraction: float) -> str:
     return "eval" if bucket < eval_fraction else "train"
 
 
-def _read_jsonl(uri: str) -> Iterator[RawRecord]:
-    path = require_local(uri, "JSONL source")
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        for line_number, raw in enumerate(f, start=1):
+# Bytes read from a source per call: bounds the memory of line splitting.
+READ_CHUNK_BYTES = 1 << 20
+
+
+def _lines(stream: BinaryIO, max_line_bytes: int) -> Iterator[bytes | None]:
+    """The lines of a byte stream, without their newline; ``None`` for a line over ``max_line_bytes``.
+
+    An over-long line is skipped as it streams by (never held whole), so one huge record cannot
+    take the memory::
+
+        >>> import io
+        >>> list(_lines(io.BytesIO(b'{"a": 1}\\n' + b"x" * 50 + b"\\n{}"), max_line_bytes=20))
+        [b'{"a": 1}', None, b'{}']
+    """
+    pending = bytearray()
+    oversize = False
+    while chunk := stream.read(READ_CHUNK_BYTES):
+        start = 0
+        while (newline := chunk.find(b"\n", start)) != -1:
+            if not oversize:
+                pending += chunk[start:newline]
+            yield None if oversize or len(pending) > max_line_bytes else bytes(pending)
+            pending.clear()
+            oversize = False
+            start = newline + 1
+        if not oversize:
+            pending += chunk[start:]
+            if len(pending) > max_line_bytes:
+                oversize = True
+                pending.clear()
+    if pending or oversize:
+        yield None if oversize else bytes(pending)
+
+
+def _read_jsonl(uri: str, max_record_bytes: int) -> Iterator[RawRecord]:
+    """Records of a local or ``s3://`` JSONL file (gzip if the name ends in ``.gz``), streamed."""
+    with contextlib.ExitStack() as stack:
+        stream = stack.enter_context(storage.open_read(uri))
+        if uri.endswith(".gz"):
+            stream = stack.enter_context(gzip.GzipFile(fileobj=stream, mode="rb"))
+        for line_number, raw in enumerate(_lines(stream, max_record_bytes), start=1):
+            if raw is None:
+                yield RawRecord(uri, line_number, InvalidRecord("oversize", f"line over {max_record_bytes} bytes"))
+                continue
             if not raw.strip():
                 continue
             try:
@@ -148,14 +203,41 @@ def _read_jsonl(uri: str) -> Iterator[RawRecord]:
 
 
 def _read_parquet(uri: str) -> Iterator[RawRecord]:
-    path = require_local(uri, "Parquet source")
-    files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
+    """Rows of a Parquet file or a folder (prefix) of them, 4096 rows at a time.
+
+    An ``s3://`` file is downloaded to a temporary file first (Parquet needs seeks), one file
+    at a time, and deleted once read.
+    """
+    files = [f for f in storage.list_files(uri) if f.endswith(".parquet")]
     row = 0
     for file in files:
-        for batch in pq.ParquetFile(file).iter_batches(batch_size=4096):
-            for record in batch.to_pylist():
-                yield RawRecord(uri, row, record)
-                row += 1
+        with tempfile.TemporaryDirectory(prefix="posttrain-ingest-") as scratch:
+            local = storage.download_file(file, Path(scratch) / "part.parquet") if storage.is_s3(file) else file
+            for batch in pq.ParquetFile(local).iter_batches(batch_size=4096):
+                for record in batch.to_pylist():
+                    yield RawRecord(uri, row, record)
+                    row += 1
+
+
+def _is_datasets_folder(uri: str) -> bool:
+    folder = Path(uri)
+    return folder.is_dir() and any((folder / name).exists() for name in ("state.json", "dataset_dict.json"))
+
+
+def _read_datasets_folder(uri: str) -> Iterator[RawRecord]:
+    """Rows of a folder written by ``datasets``' ``save_to_disk`` (a Dataset, or every split of a DatasetDict).
+
+    The Arrow files are memory-mapped, so iterating does not load the dataset into memory.
+    """
+    import datasets
+
+    loaded = datasets.load_from_disk(uri)
+    parts = [loaded[name] for name in sorted(loaded)] if isinstance(loaded, datasets.DatasetDict) else [loaded]
+    row = 0
+    for part in parts:
+        for record in part:
+            yield RawRecord(uri, row, record)
+            row += 1
 
 
 def read_source(uri: str, recipe: Recipe) -> Iterator[RawRecord]:
@@ -167,12 +249,27 @@ def read_source(uri: str, recipe: Recipe) -> Iterator[RawRecord]:
         for row, record in enumerate(records):
             yield RawRecord(uri, row, record)
     elif uri.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz")):
-        yield from _read_jsonl(uri)
-    elif uri.endswith(".parquet") or require_local(uri, "source").is_dir():
+        yield from _read_jsonl(uri, recipe.data.max_record_bytes)
+    elif not storage.is_s3(uri) and _is_datasets_folder(uri):
+        yield from _read_datasets_folder(uri)
+    elif uri.endswith(".parquet") or storage.is_s3(uri) or Path(uri).is_dir():
         yield from _read_parquet(uri)
     else:
-        raise ValueError(f"data source {uri!r}: unknown format (expected builtin:NAME, .jsonl[.gz], "
-                         ".parquet or a folder of Parquet files)")
+        raise ValueError(f"data source {uri!r}: unknown format (expected builtin:NAME, .jsonl[.gz], .parquet, "
+                         "a folder or s3:// prefix of Parquet files, or a folder saved by datasets)")
+
+
+def num_copies(record_id: str, weight: float) -> int:
+    """How many times a conversation of a source with ``weight`` is taken: ``floor(weight)``, plus one
+    more for a ``weight - floor(weight)`` share of conversations chosen by a hash of their id.
+
+        >>> num_copies("0" * 64, 2.0), num_copies("0" * 64, 0.5), num_copies("f" * 64, 0.5)
+        (2, 1, 0)
+    """
+    whole = math.floor(weight)
+    # Not the bits split_of uses: which half of a source is kept must not depend on the split.
+    share = int(record_id[16:32], 16) / float(1 << 64)
+    return whole + (1 if share < weight - whole else 0)
 
 
 class _ShardWriter:
@@ -199,26 +296,62 @@ class _ShardWriter:
         self.buffer = []
 
 
+class _Fingerprint:
+    """An order-independent fingerprint of a multiset of ids, in constant memory.
+
+    The sum modulo 2**256 of the ids read as numbers, hashed: the same ids (with the same
+    repeats) in any order give the same value; one more id or one more copy changes it.
+    """
+
+    def __init__(self):
+        self._sum = 0
+        self.count = 0
+
+    def add(self, record_id: str) -> None:
+        self._sum = (self._sum + int(record_id, 16)) % (1 << 256)
+        self.count += 1
+
+    def hexdigest(self) -> str:
+        return hashlib.sha256(f"{self.count}:{self._sum:064x}".encode()).hexdigest()
+
+
 def ingest(recipe: Recipe, run_root: str) -> dict:
-    """Read every source, validate, dedupe, split, and write shards; return the manifest.
+    """Read every source, validate, dedupe, weight, split, and write shards; return the manifest.
 
     Writes ``data/{train,eval}/part-NNNNN.parquet`` and ``data/rejects.jsonl`` under ``run_root``.
-    Memory is bounded by one shard of rows per split plus the set of seen ids (for dedup).
+    Sources are streamed (JSONL line by line, Parquet and ``datasets`` folders in batches), so
+    memory is one shard of rows per split plus the set of seen ids used for dedup: 64-character
+    hex ids, about 130 bytes each in a Python set, so 1M conversations take ~130 MB. A
+    conversation that appears in several sources is kept once, with the weight of the first.
+
+    Source weights repeat records (see :func:`num_copies`): 2.0 writes each conversation twice,
+    0.5 keeps a hash-chosen half. Copies have the same id, so they land in the same split, and
+    they are not counted as duplicates. The eval split takes one copy of each conversation,
+    whatever its weight, and none of a conversation whose weight left it out.
+
+    Returns:
+        The manifest: ``sources`` (per source: ``uri``, ``weight``, ``num_read``,
+        ``num_conversations`` taken after weighting), ``splits`` (``uris``,
+        ``num_conversations`` rows, ``fingerprint``), ``num_records_read``, ``num_valid``
+        (distinct valid conversations), ``num_duplicates``, ``num_weighted_out`` (left out by
+        a weight below 1), ``num_weighted_copies`` (extra copies from weights above 1),
+        ``num_rejected``, ``reject_reasons``, ``rejects_uri``, ``fingerprint``.
     """
     data_dir = subdir(run_root, "data")
     writers = {s: _ShardWriter(subdir(run_root, "data", s), recipe.data.records_per_shard) for s in SPLITS}
     seen: set[str] = set()
-    split_ids: dict[str, list[str]] = {s: [] for s in SPLITS}
+    fingerprints = {s: _Fingerprint() for s in SPLITS}
     reasons: Counter[str] = Counter()
-    num_read = num_duplicates = 0
+    num_read = num_duplicates = num_weighted_out = num_weighted_copies = 0
+    source_stats = []
     rejects_path = data_dir / "rejects.jsonl"
     with open(rejects_path, "w", encoding="utf-8") as rejects:
         for source in recipe.data.sources:
-            if source.weight != 1.0:
-                warn_ignored("data.sources[].weight", "source weighting is not implemented yet; "
-                             "every record is taken once")
+            stats = {"uri": source.uri, "weight": source.weight, "num_read": 0, "num_conversations": 0}
+            source_stats.append(stats)
             for raw in read_source(source.uri, recipe):
                 num_read += 1
+                stats["num_read"] += 1
                 try:
                     if isinstance(raw.value, InvalidRecord):
                         raise raw.value
@@ -236,13 +369,21 @@ def ingest(recipe: Recipe, run_root: str) -> dict:
                     num_duplicates += 1
                     continue
                 seen.add(record_id)
-                meta = raw.value.get("meta") or {}
+                copies = num_copies(record_id, source.weight)
                 split = split_of(record_id, recipe.data.eval_fraction)
-                split_ids[split].append(record_id)
-                writers[split].add({
-                    "id": record_id, "messages": messages, "source": raw.source,
-                    "meta": json.dumps(meta, ensure_ascii=False, sort_keys=True),
-                })
+                if copies == 0:
+                    num_weighted_out += 1
+                    continue
+                if split == "eval":
+                    copies = 1  # eval measures each conversation once
+                num_weighted_copies += copies - 1
+                row = {"id": record_id, "messages": messages, "source": raw.source,
+                       "meta": json.dumps(raw.value.get("meta") or {}, ensure_ascii=False, sort_keys=True,
+                                          default=str)}
+                for _ in range(copies):
+                    fingerprints[split].add(record_id)
+                    writers[split].add(row)
+                stats["num_conversations"] += copies
     for writer in writers.values():
         writer.flush()
 
@@ -257,24 +398,22 @@ def ingest(recipe: Recipe, run_root: str) -> dict:
         raise ValueError(f"ingest produced {writers['train'].num_rows} train and {writers['eval'].num_rows} "
                          "eval conversations; both splits need at least one (more data or another "
                          "data.eval_fraction)")
-    fingerprint = _fingerprint(seen)
     return {
-        "sources": [{"uri": s.uri, "weight": s.weight} for s in recipe.data.sources],
-        "splits": {s: {"uris": w.uris, "num_conversations": w.num_rows, "fingerprint": _fingerprint(split_ids[s])}
+        "sources": source_stats,
+        "splits": {s: {"uris": w.uris, "num_conversations": w.num_rows, "fingerprint": fingerprints[s].hexdigest()}
                    for s, w in writers.items()},
         "num_records_read": num_read,
         "num_valid": len(seen),
         "num_duplicates": num_duplicates,
+        "num_weighted_out": num_weighted_out,
+        "num_weighted_copies": num_weighted_copies,
         "num_rejected": num_rejected,
         "reject_reasons": dict(sorted(reasons.items())),
         "rejects_uri": str(rejects_path),
-        "fingerprint": fingerprint,
+        # Of the content only (not of where it was read from): both splits, copies included.
+        "fingerprint": hashlib.sha256(
+            f"{fingerprints['train'].hexdigest()}:{fingerprints['eval'].hexdigest()}".encode()).hexdigest(),
     }
-
-
-def _fingerprint(record_ids) -> str:
-    """sha256 over the sorted conversation ids: the same set of conversations, the same value."""
-    return hashlib.sha256("\n".join(sorted(record_ids)).encode()).hexdigest()
 
 
 def read_conversations(uris: list[str], limit: int | None = None) -> Iterator[dict]:

@@ -88,15 +88,56 @@ CHATML_ALTERNATING = (
     "{%- endfor -%}" + _CHATML_GENERATION_PROMPT
 )
 
+# Like Mistral / Llama 2: no generation prompt at all, the system prompt folded into the first
+# user turn, an exception unless roles alternate, the answer right after "[/INST]", then EOS.
+_SYSTEM_INTO_FIRST_USER = (
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+)
+_RAISE_UNLESS_ALTERNATING = (
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') -}}{%- endif -%}"
+)
+MISTRAL = (
+    "{{- bos_token -}}" + _SYSTEM_INTO_FIRST_USER +
+    "{%- for message in loop_messages -%}" + _RAISE_UNLESS_ALTERNATING +
+    "{%- if message['role'] == 'user' -%}"
+    "{{- '[INST] ' + (first_user_prefix if loop.first else '') + message['content'] + ' [/INST]' -}}"
+    "{%- else -%}{{- message['content'] + eos_token -}}{%- endif -%}"
+    "{%- endfor -%}"
+)
+# Like Gemma: no system role (folded into the first user turn), "model" for the assistant,
+# content through `| trim`, <end_of_turn> (not the EOS) ends a turn.
+GEMMA = (
+    "{{- bos_token -}}" + _SYSTEM_INTO_FIRST_USER +
+    "{%- for message in loop_messages -%}" + _RAISE_UNLESS_ALTERNATING +
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{- '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else '') + message['content'] | trim"
+    " + '<end_of_turn>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<start_of_turn>model\\n' -}}{%- endif -%}"
+)
+# No end-of-turn token at all: turns are separated by blank lines only.
+PLAIN_NO_END_OF_TURN = (
+    "{%- for message in messages -%}{{- message['role'] + '\\n' + message['content'] + '\\n\\n' -}}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- 'assistant\\n' -}}{%- endif -%}"
+)
+
 SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                  "<|eot_id|>", "<think>", "</think>"]
+                  "<|eot_id|>", "<think>", "</think>", "<s>", "</s>", "[INST]", "[/INST]", "<bos>", "<eos>",
+                  "<start_of_turn>", "<end_of_turn>"]
 END_OF_TURN = {CHATML: "<|im_end|>", CHATML_WITH_MARKERS: "<|im_end|>", CHATML_DEFAULT_SYSTEM: "<|im_end|>",
-               LLAMA3: "<|eot_id|>"}
+               LLAMA3: "<|eot_id|>", MISTRAL: "</s>", GEMMA: "<end_of_turn>", PLAIN_NO_END_OF_TURN: ""}
+# bos_token, eos_token of each family's tokenizer.
+SPECIAL = {CHATML: (None, "<|im_end|>"), LLAMA3: ("<|begin_of_text|>", "<|eot_id|>"), MISTRAL: ("<s>", "</s>"),
+           GEMMA: ("<bos>", "<eos>"), PLAIN_NO_END_OF_TURN: (None, "<|im_end|>")}
 
 # ---------------------------------------------------------------------------------------------
 # Tokenizers
 
-WORDS = ["<unk>", *SPECIAL_TOKENS, "system", "user", "assistant", "tool", "Be", "brief.", "Hi", "Hello!", "How",
+WORDS = ["<unk>", *SPECIAL_TOKENS, "system", "user", "assistant", "tool", "model", "Be", "brief.", "Hi", "Hello!",
+         "How",
          "are", "you?", "Fine.", "Bye", "Bye!", "You", "helpful."]
 
 
@@ -234,6 +275,64 @@ def test_llama3_labels_exact_with_one_bos():
         "<|start_header_id|> assistant <|end_header_id|> Fine. <|eot_id|>")
     assert result.input_ids.count(bos) == 1
     assert result.labels == ids("- " * 27 + "Fine. <|eot_id|>")
+
+
+def test_mistral_like_labels_exact_without_generation_prompt():
+    tokenizer = word_tokenizer(MISTRAL, bos_token="<s>", eos_token="</s>")
+    result = tokenize_conversation(tokenizer, TWO_TURNS)
+    # The system prompt is folded into the first [INST]; the answer follows "[/INST]" directly.
+    assert result.input_ids == ids("<s> [INST] Be brief. Hi [/INST] Hello! </s> [INST] How are you? [/INST] Fine. </s>")
+    assert result.labels == ids("- " * 13 + "Fine. </s>")
+    everything = tokenize_conversation(tokenizer, [dict(m, train=True) for m in TWO_TURNS])
+    assert everything.labels == ids("- - - - - - Hello! </s> - - - - - Fine. </s>")
+
+
+def test_gemma_like_labels_exact_with_model_role_and_end_of_turn():
+    tokenizer = word_tokenizer(GEMMA, bos_token="<bos>", eos_token="<eos>")
+    result = tokenize_conversation(tokenizer, [dict(m, train=True) for m in TWO_TURNS])
+    assert result.input_ids == ids(
+        "<bos> <start_of_turn> user Be brief. Hi <end_of_turn> "
+        "<start_of_turn> model Hello! <end_of_turn> "
+        "<start_of_turn> user How are you? <end_of_turn> "
+        "<start_of_turn> model Fine. <end_of_turn>")
+    assert result.labels == ids("- - - - - - - - - Hello! <end_of_turn> - - - - - - - - Fine. <end_of_turn>")
+    assert tokenize_conversation(tokenizer, TWO_TURNS).labels == ids("- " * 19 + "Fine. <end_of_turn>")
+
+
+def test_template_without_end_of_turn_token_trains_the_content_only():
+    tokenizer = word_tokenizer(PLAIN_NO_END_OF_TURN)
+    result = tokenize_conversation(tokenizer, [dict(m, train=True) for m in TWO_TURNS])
+    assert result.input_ids == ids("system Be brief. user Hi assistant Hello! user How are you? assistant Fine.")
+    assert result.labels == ids("- - - - - - Hello! - - - - - Fine.")
+
+
+FAMILIES = [CHATML, LLAMA3, MISTRAL, GEMMA, PLAIN_NO_END_OF_TURN]
+ALTERNATING_CONVERSATIONS = CONVERSATIONS[:2]  # system + train:false turn; multi-turn without system
+
+
+@pytest.mark.parametrize("template", FAMILIES, ids=["chatml", "llama3", "mistral", "gemma", "plain"])
+def test_every_family_trains_exactly_content_and_end_of_turn(template):
+    bos_token, eos_token = SPECIAL[template]
+    tokenizer = byte_tokenizer(template, bos_token=bos_token, eos_token=eos_token)
+    for messages in ALTERNATING_CONVERSATIONS:
+        for variant in (messages, [dict(m, train=True) for m in messages]):
+            result = tokenize_conversation(tokenizer, variant)
+            expected = [m["content"] + END_OF_TURN[template] for m in variant
+                        if m["role"] == "assistant" and m.get("train", True)]
+            assert trained_runs(tokenizer, result) == expected
+            text = tokenizer.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in variant],
+                                                 tokenize=False)
+            assert tokenizer.decode(result.input_ids) == text
+            if bos_token:
+                assert result.input_ids.count(tokenizer.convert_tokens_to_ids(bos_token)) == 1
+
+
+@pytest.mark.parametrize("template", [MISTRAL, GEMMA], ids=["mistral", "gemma"])
+def test_roles_that_do_not_alternate_are_the_records_fault(template):
+    tokenizer = byte_tokenizer(template, bos_token=SPECIAL[template][0], eos_token=SPECIAL[template][1])
+    with pytest.raises(ChatTemplateError, match="roles must alternate") as error:
+        tokenize_conversation(tokenizer, CONVERSATIONS[2])  # has a tool turn
+    assert error.value.reason == "template_raised" and error.value.reason in ChatTemplateError.RECORD_REASONS
 
 
 def test_default_system_prompt_is_not_trained():
@@ -446,7 +545,8 @@ def test_tokenize_dataset_packs_and_counts(tmp_path):
         "uris": [str(tmp_path / "tokens" / f"part-0000{i}.parquet") for i in range(3)],
         "num_conversations": 6, "num_packed_conversations": 5, "num_rows": 3, "num_tokens": 47,
         "num_trained_tokens": 10, "num_truncated": 1, "num_dropped_too_long": 0, "num_no_trained_tokens": 1,
-        "packing_efficiency": 47 / 63, "max_seq_tokens": 21,
+        "num_template_rejects": 0, "template_reject_reasons": {}, "packing_efficiency": 47 / 63,
+        "max_seq_tokens": 21,
     }
     rows = [row for uri in stats["uris"] for row in pq.read_table(uri).to_pylist()]
     assert pq.read_schema(stats["uris"][0]).field("labels").type == pa.list_(pa.int32())
@@ -459,9 +559,10 @@ def test_tokenize_dataset_packs_and_counts(tmp_path):
     assert rows[1]["labels"] == ids("- - - - - - - - Fine. <|im_end|>") + short_labels
     assert rows[2] == {"input_ids": short_ids, "labels": short_labels, "position_ids": list(range(8))}
 
-    # Same inputs, same rows; "drop" drops the long one; a rerun replaces the earlier shards.
+    # Same inputs, same rows (with 2 worker processes too); "drop" drops the long one; a rerun
+    # replaces the earlier shards.
     again = tokenize_dataset(tokenizer, [first, second], tmp_path / "tokens", max_seq_tokens=21, truncation="turn",
-                             rows_per_shard=1)
+                             rows_per_shard=1, num_workers=2)
     assert again == stats and [row for uri in again["uris"] for row in pq.read_table(uri).to_pylist()] == rows
     dropped = tokenize_dataset(tokenizer, [first, second], tmp_path / "tokens", max_seq_tokens=21,
                                truncation="drop")
@@ -469,9 +570,65 @@ def test_tokenize_dataset_packs_and_counts(tmp_path):
     assert sorted(p.name for p in (tmp_path / "tokens").iterdir()) == ["part-00000.parquet"]
 
 
-def test_tokenize_dataset_names_the_record_the_template_rejects(tmp_path):
+def test_tokenize_dataset_counts_conversations_the_template_rejects(tmp_path):
     shard = _write_data_shard(tmp_path / "a.parquet", [[user("Hi"), assistant("Hello!")],
                                                       [user("Hi"), user("Bye"), assistant("Bye!")]])
-    with pytest.raises(ChatTemplateError, match=r"a\.parquet, record record-1: .*roles must alternate"):
-        tokenize_dataset(word_tokenizer(CHATML_ALTERNATING), [shard], tmp_path / "tokens", max_seq_tokens=64,
-                         truncation="drop")
+    tokenizer = word_tokenizer(CHATML_ALTERNATING)
+    stats = tokenize_dataset(tokenizer, [shard], tmp_path / "tokens", max_seq_tokens=64, truncation="drop",
+                             max_reject_fraction=0.5, num_workers=2)
+    assert (stats["num_conversations"], stats["num_packed_conversations"], stats["num_rows"]) == (2, 1, 1)
+    assert (stats["num_template_rejects"], stats["template_reject_reasons"]) == (1, {"template_raised": 1})
+    # Above the allowed share the step fails, naming the reasons and the first rejected record.
+    with pytest.raises(ChatTemplateError, match=r"rejected 1 of 2 conversations \(template_raised: 1\), more than "
+                                                r"max_reject_fraction=0.0; the first: .*a\.parquet, record record-1: "
+                                                r".*roles must alternate"):
+        tokenize_dataset(tokenizer, [shard], tmp_path / "tokens", max_seq_tokens=64, truncation="drop")
+
+
+def test_tokenize_dataset_fails_on_a_template_that_rewrites_earlier_turns(tmp_path):
+    two_systems = [{"role": "system", "content": "Be brief."}, user("Hi"), assistant("Hello!"),
+                   {"role": "system", "content": "You are helpful."}, user("Bye"), assistant("Bye!")]
+    shard = _write_data_shard(tmp_path / "a.parquet", [[user("Hi"), assistant("Hello!")], two_systems])
+    # The template is at fault, not the data: no share of rejects makes that acceptable.
+    with pytest.raises(ChatTemplateError, match=r"a\.parquet, record record-1: chat template rewrites earlier turns"
+                       ) as error:
+        tokenize_dataset(word_tokenizer(CHATML_LAST_SYSTEM_ONLY), [shard], tmp_path / "tokens", max_seq_tokens=64,
+                         truncation="drop", max_reject_fraction=1.0, num_workers=2)
+    assert error.value.reason == "rewrites_earlier_turns"
+
+
+# ---------------------------------------------------------------------------------------------
+# One render per conversation for templates with generation markers
+
+def test_marker_shortcut_gives_the_rows_of_the_content_search(builtin_tokenizer, tmp_path, monkeypatch):
+    import steps.chat
+
+    shard = _write_data_shard(tmp_path / "a.parquet", CONVERSATIONS * 4)
+    searched = []
+    original = steps.chat._render_conversation
+    monkeypatch.setattr(steps.chat, "_render_conversation",
+                        lambda *args, **kwargs: searched.append(1) or original(*args, **kwargs))
+    monkeypatch.setattr(steps.chat._MarkerShortcut, "NUM_CHECKED", 5)
+    fast = tokenize_dataset(builtin_tokenizer, [shard], tmp_path / "fast", max_seq_tokens=256, truncation="drop")
+    assert len(searched) == 5  # the first 5 conversations are checked, the other 7 rendered once
+    monkeypatch.setattr(steps.chat._MarkerShortcut, "NUM_CHECKED", 10**9)
+    slow = tokenize_dataset(builtin_tokenizer, [shard], tmp_path / "slow", max_seq_tokens=256, truncation="drop")
+    assert len(searched) == 5 + 12
+    assert {k: v for k, v in fast.items() if k != "uris"} == {k: v for k, v in slow.items() if k != "uris"}
+    assert pq.read_table(fast["uris"][0]).to_pylist() == pq.read_table(slow["uris"][0]).to_pylist()
+
+
+def test_marker_shortcut_turns_itself_off_when_markers_leave_out_the_end_of_turn():
+    from steps.chat import _EndOfTurnCheck, _MarkerShortcut
+
+    # The model would never learn to stop: the content search trains <|im_end|> anyway.
+    content_only = CHATML_WITH_MARKERS.replace("message['content'] + '<|im_end|>' -}}{%- endgeneration -%}",
+                                               "message['content'] -}}{%- endgeneration -%}{{- '<|im_end|>' -}}")
+    assert content_only != CHATML_WITH_MARKERS
+    for template, enabled in ((CHATML_WITH_MARKERS, True), (content_only, False), (CHATML, False)):
+        tokenizer = byte_tokenizer(template)
+        shortcut = _MarkerShortcut(tokenizer)
+        rendered = shortcut.render(tokenizer, TWO_TURNS, _EndOfTurnCheck(tokenizer))
+        assert shortcut.enabled is enabled
+        assert trained_runs(tokenizer, tokenize_conversation(tokenizer, TWO_TURNS)) == ["Fine.<|im_end|>"]
+        assert rendered.text.endswith("Fine.<|im_end|>\n")

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from steps.config import recipe_from_dict
-from steps.ingest import (InvalidRecord, TooManyRejects, conversation_id, ingest, normalize_record,
+from steps.ingest import (InvalidRecord, TooManyRejects, conversation_id, ingest, normalize_record, num_copies,
                           read_conversations, split_of)
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
@@ -119,3 +119,77 @@ def test_gzip_jsonl_and_parquet_sources(tmp_path):
                    folder / "x.parquet")
     manifest = ingest(_recipe(tmp_path, [str(gz), str(folder)]), str(tmp_path / "run"))
     assert manifest["num_valid"] == 40 and manifest["num_rejected"] == 0
+
+
+def test_lines_are_split_across_read_chunks_and_oversize_lines_skipped(monkeypatch):
+    import io
+
+    import steps.ingest
+
+    monkeypatch.setattr(steps.ingest, "READ_CHUNK_BYTES", 7)  # lines and the 30-byte one cross chunks
+    data = b'{"a": 1}\n' + b"x" * 30 + b"\n\n{}\r\n" + b"y" * 25
+    assert list(steps.ingest._lines(io.BytesIO(data), max_line_bytes=20)) == [b'{"a": 1}', None, b"", b"{}\r", None]
+
+
+def test_oversize_lines_and_records_are_rejected_with_their_line(tmp_path):
+    big = {"messages": [{"role": "user", "content": "x" * 300}, {"role": "assistant", "content": "y"}]}
+    uri = _write_jsonl(tmp_path / "d.jsonl", _conversations(8) + [big, {"prompt": "p", "completion": ""}])
+    manifest = ingest(_recipe(tmp_path, [uri], max_record_bytes=200, max_reject_fraction=0.5), str(tmp_path / "run"))
+    rejects = [json.loads(line) for line in open(manifest["rejects_uri"])]
+    assert [(r["source"], r["position"], r["reason"]) for r in rejects] == [
+        (uri, 9, "oversize"), (uri, 10, "empty_content")]
+    assert manifest["num_valid"] == 8 and manifest["num_records_read"] == 10
+
+
+def _split_rows(manifest):
+    return {s: [r["id"] for r in read_conversations(manifest["splits"][s]["uris"])] for s in ("train", "eval")}
+
+
+def test_source_weights_repeat_or_thin_records_without_leaking_into_eval(tmp_path):
+    heavy = _write_jsonl(tmp_path / "heavy.jsonl", _conversations(100))
+    light = _write_jsonl(tmp_path / "light.jsonl", _conversations(200, start=100) + _conversations(10))
+    recipe = recipe_from_dict({"storage": str(tmp_path / "store"), "data": {
+        "eval_fraction": 0.3, "sources": [{"uri": heavy, "weight": 2.0}, {"uri": light, "weight": 0.5}]}})
+    manifest = ingest(recipe, str(tmp_path / "run"))
+    rows = _split_rows(manifest)
+    # The 10 repeats of heavy's conversations in light are duplicates; weighting copies are not.
+    assert (manifest["num_records_read"], manifest["num_valid"], manifest["num_duplicates"]) == (310, 300, 10)
+    heavy_ids = {conversation_id(normalize_record(c)) for c in _conversations(100)}
+    light_ids = {conversation_id(normalize_record(c)) for c in _conversations(200, start=100)}
+    heavy_train = [i for i in heavy_ids if split_of(i, 0.3) == "train"]
+    kept_light = [i for i in light_ids if num_copies(i, 0.5) == 1]
+    assert manifest["num_weighted_out"] == 200 - len(kept_light) == 109
+    assert manifest["num_weighted_copies"] == len(heavy_train) == 71
+    # Train: heavy twice, the kept half of light once. Eval: each conversation once.
+    assert sorted(rows["train"]) == sorted(heavy_train * 2 + [i for i in kept_light if split_of(i, 0.3) == "train"])
+    assert sorted(rows["eval"]) == sorted([i for i in heavy_ids | set(kept_light) if split_of(i, 0.3) == "eval"])
+    assert not set(rows["train"]) & set(rows["eval"])
+    assert [(s["uri"], s["num_read"], s["num_conversations"]) for s in manifest["sources"]] == [
+        (heavy, 100, 171), (light, 210, 91)]
+    # A weight is part of the data: changing it changes the fingerprint.
+    recipe.data.sources[0].weight = 1.0
+    assert ingest(recipe, str(tmp_path / "run2"))["fingerprint"] != manifest["fingerprint"]
+
+
+def test_fingerprint_is_of_the_content_not_of_the_path(tmp_path):
+    conversations = _conversations(50)
+    first = ingest(_recipe(tmp_path, [_write_jsonl(tmp_path / "a.jsonl", conversations)]), str(tmp_path / "r1"))
+    moved = ingest(_recipe(tmp_path, [_write_jsonl(tmp_path / "b.jsonl", conversations[::-1])]), str(tmp_path / "r2"))
+    assert moved["fingerprint"] == first["fingerprint"]
+    assert moved["splits"]["eval"]["fingerprint"] == first["splits"]["eval"]["fingerprint"]
+
+
+def test_datasets_folders_are_read_row_by_row(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_list(_conversations(30)).save_to_disk(str(tmp_path / "ds"))
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_list([{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(20)]),
+        "test": datasets.Dataset.from_list([{"prompt": "only a prompt", "completion": None}]),
+    }).save_to_disk(str(tmp_path / "dd"))
+    manifest = ingest(_recipe(tmp_path, [str(tmp_path / "ds"), str(tmp_path / "dd")], max_reject_fraction=0.1),
+                      str(tmp_path / "run"))
+    assert (manifest["num_records_read"], manifest["num_valid"]) == (51, 50)
+    rejects = [json.loads(line) for line in open(manifest["rejects_uri"])]
+    # DatasetDict splits are read in name order: "test" (row 0) before "train".
+    assert [(r["source"], r["position"], r["reason"]) for r in rejects] == [(str(tmp_path / "dd"), 0, "unknown_shape")]

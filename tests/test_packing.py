@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from steps.packing import collate_rows, pack_best_fit_decreasing, pack_row, pack_rows
+from steps.packing import collate_rows, pack_best_fit_decreasing, pack_documents, pack_row, pack_rows, refill_bins
 
 
 def _reference_best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -58,6 +58,54 @@ def test_best_fit_decreasing_fills_256_token_rows_with_short_chats():
     assert all(sum(lengths[i] for i in b) <= 256 for b in bins)
     assert len(bins) == 10257
     assert sum(lengths) / (len(bins) * 256) >= 0.98
+
+
+def test_refill_closes_a_bin_that_best_fit_decreasing_leaves_open():
+    lengths = [8, 2, 3, 3, 2, 2, 4]
+    assert pack_best_fit_decreasing(lengths, capacity=8) == [[0], [6, 2], [3, 1, 4], [5]]
+    # 4 (#6) swaps for 3 (#3) into the bin with one token of room; then [#2 #3] + [#5] fit in one bin.
+    assert refill_bins([[0], [6, 2], [3, 1, 4], [5]], lengths, capacity=8) == [[0], [2, 3, 5], [1, 4, 6]]
+    assert pack_documents(lengths, capacity=8) == [[0], [2, 3, 5], [1, 4, 6]]
+    # Already at the lower bound ceil(31 / 10) = 4: nothing to do.
+    assert pack_documents([3] * 9 + [2, 2], capacity=10) == pack_best_fit_decreasing([3] * 9 + [2, 2], capacity=10)
+
+
+def _check_bins(bins, lengths, capacity):
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    assert all(0 < sum(lengths[i] for i in b) <= capacity for b in bins)
+
+
+def test_refill_never_loses_a_document_or_overfills_and_is_deterministic():
+    for seed in range(200):
+        rng = random.Random(seed)
+        capacity = rng.randint(5, 40)
+        lengths = [rng.randint(1, capacity) for _ in range(rng.randint(1, 60))]
+        bins = pack_documents(lengths, capacity)
+        _check_bins(bins, lengths, capacity)
+        assert len(bins) <= len(pack_best_fit_decreasing(lengths, capacity))
+        assert pack_documents(lengths, capacity) == bins
+
+
+def test_refill_reaches_98_percent_where_best_fit_decreasing_does_not():
+    # Like the builtin catalog chats: most documents short (27-45 tokens). Best fit decreasing
+    # places them last, leaving a few half-empty bins while every other bin keeps a few tokens free.
+    rng = random.Random(0)
+    lengths = [rng.randint(27, 45) if rng.random() < 0.8 else rng.randint(46, 161) for _ in range(3000)]
+    bfd, refilled = pack_best_fit_decreasing(lengths, 256), pack_documents(lengths, 256)
+    _check_bins(refilled, lengths, 256)
+    assert (len(bfd), len(refilled), -(-sum(lengths) // 256)) == (595, 583, 582)
+    assert sum(lengths) / (len(bfd) * 256) < 0.98 <= sum(lengths) / (len(refilled) * 256)
+
+
+def test_refill_works_in_interleaved_groups(monkeypatch):
+    import steps.packing
+
+    rng = random.Random(0)
+    lengths = [rng.randint(27, 45) if rng.random() < 0.8 else rng.randint(46, 161) for _ in range(3000)]
+    monkeypatch.setattr(steps.packing, "REFILL_GROUP_BINS", 100)  # 6 groups of ~100 bins
+    grouped = pack_documents(lengths, 256)
+    _check_bins(grouped, lengths, 256)
+    assert len(grouped) == 584  # one more than refilling all 595 bins at once
 
 
 def test_pack_rows_concatenates_and_restarts_positions():
