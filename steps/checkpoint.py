@@ -6,11 +6,16 @@ Layout under a run's checkpoint root::
       step-000100/            complete: HF model folder + trainer state
         model.safetensors  config.json  tokenizer.json ...
         optimizer.pt  scheduler.pt  rng-rank0.pt ...
-        trainer_state.json    written last: {"step": 100, "cursor": {...}, ...}
+        trainer_state.json    written last: {"step": 100, "train_curve": [...], "world_size": 2}
+      step-000200/            finetune: lora -> the adapter instead of the full model:
+        adapter_config.json  adapter_model.safetensors  tokenizer.json ...
+      step-000300/            strategy: fsdp2 -> the optimizer state as DCP shards, one per rank:
+        model.safetensors ...  optimizer/__0_0.distcp  optimizer/__1_0.distcp  optimizer/.metadata
       .tmp-step-000200-1a2b/  a checkpoint being written (never picked by resume)
 
 A checkpoint is written under a temporary name and renamed into place only when complete,
-so a crash mid-write leaves nothing that :func:`latest_checkpoint` would return.
+so a crash mid-write leaves nothing that :func:`latest_checkpoint` would return. The step
+number in the folder name is the data cursor: step ``K`` resumes with the rows of step ``K``.
 """
 
 from __future__ import annotations
@@ -50,7 +55,16 @@ def commit(tmp: Path, step: int, trainer_state: dict) -> Path:
 
 
 def list_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints under ``root``, oldest first."""
+    """Complete checkpoints under ``root``, oldest first.
+
+    ``root`` may also be one checkpoint folder (then it is the only one) or a run root (its
+    ``checkpoints/`` folder is searched), as ``train.resume_from`` allows.
+    """
+    root = Path(root)
+    if _STEP_DIR.match(root.name) and (root / STATE_FILE).is_file():
+        return [root]
+    if (root / "checkpoints").is_dir():
+        root = root / "checkpoints"
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir()
@@ -94,6 +108,128 @@ def load_rng(folder: Path, rank: int) -> None:
 
 
 TRAINER_FILES = ("optimizer.pt", "scheduler.pt", STATE_FILE)
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def is_adapter(path: Path) -> bool:
+    """Whether a checkpoint holds a LoRA adapter (``finetune: lora``) rather than a full model."""
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def save_weights(model, folder: Path, *, is_writer: bool, layout: str = "full") -> None:
+    """Write the model as a Hugging Face folder (safetensors): the adapter only for a peft model.
+
+    Under FSDP2 and DeepSpeed (``layout``) every rank must call this: the full state dict is
+    gathered (to CPU under FSDP2), and only the writer (rank 0) saves it.
+    """
+    if layout == "deepspeed":
+        import deepspeed
+
+        # Under ZeRO-3 the parameters are partitioned: gather them for the save (a no-op for ZeRO-2).
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            if is_writer:
+                full = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                model.save_pretrained(folder, safe_serialization=True, state_dict=_without_tied_aliases(model, full))
+        return
+    state_dict = None
+    if layout == "fsdp2":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                          cpu_offload=True))
+        state_dict = _without_tied_aliases(model, state_dict)
+    if is_writer:
+        model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
+
+
+def _without_tied_aliases(model, state_dict: dict) -> dict:
+    """A gathered state dict holds tied weights (lm_head = embed_tokens) twice, as separate
+    tensors; keep one name of each parameter, as save_pretrained does for a plain model."""
+    unique = {name for name, _ in model.named_parameters()}
+    aliases = {name for name, _ in model.named_parameters(remove_duplicate=False)} - unique
+    return {k: v for k, v in state_dict.items() if k not in aliases}
+
+
+def load_weights(model, folder: Path) -> None:
+    """Load a checkpoint's weights (full model or adapter) into an unwrapped model, strictly."""
+    from safetensors.torch import load_file
+
+    if is_adapter(folder):
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, load_file(str(Path(folder) / "adapter_model.safetensors")))
+        if result.unexpected_keys:
+            raise RuntimeError(f"adapter {folder} does not match the model: unexpected {result.unexpected_keys}")
+        return
+    if hasattr(model, "peft_config"):
+        raise RuntimeError(f"checkpoint {folder} holds a full model, but train.finetune is lora")
+    missing, unexpected = model.load_state_dict(load_file(str(Path(folder) / "model.safetensors")), strict=False)
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"checkpoint {folder} does not match the model: missing "
+                           f"{sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}")
+
+
+def save_optimizer(model, optimizer, folder: Path, *, is_writer: bool, sharded: bool) -> None:
+    """``optimizer.pt`` from the writer, or (``sharded``, FSDP2) each rank's shard via torch DCP."""
+    if sharded:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(folder / "optimizer"))
+    elif is_writer:
+        torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+
+
+def load_optimizer(model, optimizer, folder: Path, *, sharded: bool, device) -> None:
+    """Restore what :func:`save_optimizer` wrote (DCP reshards to the current world size)."""
+    if not sharded:
+        optimizer.load_state_dict(torch.load(Path(folder) / "optimizer.pt", weights_only=True, map_location=device))
+        return
+    if not (Path(folder) / "optimizer").is_dir():
+        raise RuntimeError(f"checkpoint {folder} has no sharded optimizer state (saved by another strategy?)")
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(state, checkpoint_id=str(Path(folder) / "optimizer"))
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+DEEPSPEED_DIR = "deepspeed"
+
+
+def save_deepspeed(engine, folder: Path) -> None:
+    """DeepSpeed's own checkpoint (module, per-rank ZeRO optimizer partitions, LR scheduler) under
+    ``folder/deepspeed``; every rank must call this."""
+    engine.save_checkpoint(str(folder), tag=DEEPSPEED_DIR, save_latest=False)
+
+
+def load_deepspeed(engine, folder: Path) -> None:
+    """Restore what :func:`save_deepspeed` wrote, optimizer and scheduler included."""
+    if not (Path(folder) / DEEPSPEED_DIR).is_dir():
+        raise RuntimeError(f"checkpoint {folder} has no DeepSpeed state (saved by another strategy?)")
+    load_path, _ = engine.load_checkpoint(str(folder), tag=DEEPSPEED_DIR, load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {folder / DEEPSPEED_DIR}")
+
+
+def prune(root: Path, keep_last: int, needed: set[str] = frozenset()) -> list[Path]:
+    """Delete all but the newest ``keep_last`` complete checkpoints (0 keeps all); return the deleted.
+
+    Checkpoints named in ``needed`` (folder names such as ``step-000100``, e.g. ones an evaluation
+    has not scored yet) are kept too.
+
+        >>> # step-000010 .. step-000040 exist; prune(root, 2) deletes step-000010 and step-000020
+    """
+    if keep_last <= 0:
+        return []
+    ckpts = list_checkpoints(Path(root))
+    doomed = [p for p in ckpts[:-keep_last] if p.name not in needed]
+    for p in doomed:
+        shutil.rmtree(p, ignore_errors=True)
+    return doomed
 
 
 def model_files(path: Path) -> list[Path]:
@@ -103,10 +239,30 @@ def model_files(path: Path) -> list[Path]:
 
 
 def export_model(path: Path, dest: Path) -> Path:
-    """Copy a checkpoint's model files into ``dest`` (a plain HF folder)."""
+    """Copy a checkpoint's model files into ``dest`` (a plain HF folder).
+
+    A LoRA checkpoint is merged into its base model first (peft ``merge_and_unload``), so the
+    exported folder is a plain model that loads without peft.
+    """
     dest.mkdir(parents=True, exist_ok=True)
+    if is_adapter(path):
+        return _export_merged(Path(path), dest)
     for file in model_files(path):
         shutil.copy2(file, dest / file.name)
+    return dest
+
+
+def _export_merged(path: Path, dest: Path) -> Path:
+    from peft import PeftModel
+
+    from steps.models import load_model
+
+    base_path = json.loads((path / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+    merged = PeftModel.from_pretrained(load_model(base_path), str(path)).merge_and_unload()
+    merged.save_pretrained(dest, safe_serialization=True)
+    for file in model_files(path):
+        if not file.name.startswith(("adapter_", "README")):
+            shutil.copy2(file, dest / file.name)
     return dest
 
 

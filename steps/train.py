@@ -18,6 +18,17 @@ Step ``s`` takes rows ``[s * rows_per_step, (s + 1) * rows_per_step)`` of the ep
 order, and micro-batch ``m`` of the step goes to rank ``m % world_size``. So the same recipe on
 1 rank or on 2 ranks sees the same data per optimizer step, and the loss is normalised by the
 number of trained tokens of the whole step on every rank (not per micro-batch).
+
+Strategies (``train.strategy``): ``ddp``; ``fsdp2`` (``fully_shard`` per decoder layer and the
+root); ``deepspeed_zero2`` / ``deepspeed_zero3`` (a DeepSpeed engine around the same AdamW and
+schedule). All of them scale the loss alike, so on the same recipe and seed their losses agree
+(within 1e-5 on CPU). ``train.finetune: lora`` wraps the model with peft adapters first. gloo on
+CPU, NCCL on GPU; every process group has a 60 s timeout, so a dead peer fails the step.
+
+Checkpoints (see :mod:`steps.checkpoint`) are written every ``save_every_steps`` and at the end;
+a started trainer resumes from the latest complete one in its own checkpoint root or in
+``resume_roots``. Failure injection for tests: ``train.fail_at_step`` (every rank raises) and
+``train.kill_rank_at_step`` (the last rank is SIGKILLed), each once per checkpoint root.
 """
 
 from __future__ import annotations
@@ -28,6 +39,8 @@ import datetime as dt
 import json
 import math
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -82,42 +95,116 @@ def master_port_for(run_key: str) -> int:
 
 def launch(spec_path: Path, *, num_nodes: int, node_rank: int, nproc_per_node: int,
            master_addr: str, master_port: int, log_path: Path | None = None) -> None:
-    """Run torchrun for this node and stream its output; raise if any rank failed."""
+    """Run torchrun for this node and stream its output; raise, naming the rank, if any failed.
+
+    Every line a worker prints is prefixed ``[rank N]`` (its global rank) and also kept in
+    per-rank files under ``<log_path's folder>/ranks-node<I>/``; the node's whole output goes to
+    ``log_path``. A dead rank makes torchrun stop the others on this node at once; ranks on other
+    nodes fail at their next collective, within the process group timeout (60 s).
+    """
     if num_nodes == 1:  # one node: let torchrun pick a free local port
         rendezvous = ["--standalone"]
     else:
         rendezvous = [f"--nnodes={num_nodes}", f"--node_rank={node_rank}", f"--master_addr={master_addr}",
-                      f"--master_port={master_port}", "--rdzv_conf=join_timeout=60"]
+                      f"--master_port={master_port}", f"--rdzv_conf=join_timeout={COLLECTIVE_TIMEOUT_S}"]
+    rank_logs = ["--tee=3"]  # workers' stdout and stderr go to per-rank files and to the console
+    if log_path is not None:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        rank_logs.append(f"--log-dir={Path(log_path).parent / f'ranks-node{node_rank}'}")
     cmd = [sys.executable, "-m", "torch.distributed.run", *rendezvous,
-           f"--nproc_per_node={nproc_per_node}", "--max_restarts=0",
+           f"--nproc_per_node={nproc_per_node}", "--max_restarts=0", "--monitor-interval=0.5", *rank_logs,
            "-m", "steps.train", "--spec", str(spec_path)]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
     env.setdefault("OMP_NUM_THREADS", "1")  # the trainer sets its own thread count per rank
+    env["TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE"] = "[rank ${rank}] "
     print(f"[node {node_rank}] launching: {' '.join(cmd)}", flush=True)
     log = open(log_path, "a", encoding="utf-8") if log_path else None
+    failures = FailureSummary()
     try:
         proc = subprocess.Popen(cmd, env=env, cwd=str(PROJECT_ROOT), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, bufsize=1)
         for line in proc.stdout:
+            if not line.startswith("[rank "):
+                line = f"[node {node_rank}] {line}"  # torchrun's own lines
             print(line, end="", flush=True)
             if log:
                 log.write(line)
+            failures.feed(line)
         returncode = proc.wait()
     finally:
         if log:
             log.close()
     if returncode != 0:
-        raise RuntimeError(f"torchrun on node {node_rank} exited with code {returncode}; "
-                           "the rank's error is in the log above")
+        detail = failures.text() or "see the log above"
+        raise RuntimeError(f"torchrun on node {node_rank} exited with code {returncode}: {detail}")
+
+
+class FailureSummary:
+    """Collects, from torchrun's output, which ranks died and how, for the step's error message.
+
+    It keeps each rank's own ``FAILED`` line and torchrun's end-of-run table, root cause first::
+
+        >>> summary = FailureSummary()
+        >>> for line in ["Failures:", "  rank      : 0 (local_rank: 0)", "  exitcode  : -15 (pid: 7)  (SIGTERM)",
+        ...              "Root Cause (first observed failure):", "  rank      : 1 (local_rank: 1)",
+        ...              "  exitcode  : -9 (pid: 8)  (SIGKILL)"]:
+        ...     summary.feed(line)
+        >>> summary.text()
+        'rank 1 (local_rank 1) exited with -9 (SIGKILL) [root cause]; rank 0 (local_rank 0) exited with -15 (SIGTERM)'
+    """
+
+    _RANK = re.compile(r"^\s*rank\s*:\s*(\d+) \(local_rank: (\d+)\)")
+    _EXIT = re.compile(r"^\s*exitcode\s*:\s*(-?\d+).*?(?:\((SIG\w+)\))?\s*$")
+
+    def __init__(self) -> None:
+        self.rank_errors: list[str] = []
+        self.deaths: list[str] = []
+        self._root_cause, self._rank = False, None
+
+    def feed(self, line: str) -> None:
+        if " FAILED: " in line:  # the trainer's own "rank N FAILED: ..." (after the "[rank N] " prefix)
+            self.rank_errors.append(line.split("] ", 1)[-1].strip() if line.startswith("[rank ") else line.strip())
+            return
+        text = line.split("] ", 1)[-1] if line.startswith("[node ") else line
+        if text.startswith("Root Cause"):
+            self._root_cause = True
+        elif match := self._RANK.match(text):
+            self._rank = f"rank {match.group(1)} (local_rank {match.group(2)})"
+        elif (match := self._EXIT.match(text)) and self._rank:
+            how = f" ({match.group(2)})" if match.group(2) else ""
+            entry = f"{self._rank} exited with {match.group(1)}{how}"
+            if self._root_cause:
+                self.deaths.insert(0, entry + " [root cause]")
+            elif entry not in self.deaths:
+                self.deaths.append(entry)
+            self._rank = None
+
+    def text(self) -> str:
+        deaths = list(dict.fromkeys(self.deaths))
+        root = {d.removesuffix(" [root cause]") for d in deaths if d.endswith("[root cause]")}
+        deaths = [d for d in deaths if d not in root]
+        return "; ".join(deaths + self.rank_errors)
+
+
+def resume_roots_for(recipe: Recipe, origin_run_root: str | None = None) -> list[str]:
+    """Where a train step looks for checkpoints besides its own run: the origin run of a
+    ``resume`` and ``train.resume_from`` (a checkpoint, a checkpoint root or a run root)."""
+    roots = []
+    if origin_run_root:
+        roots.append(str(Path(origin_run_root) / "checkpoints"))
+    if recipe.train.resume_from:
+        roots.append(recipe.train.resume_from)
+    return roots
 
 
 def run_node(recipe: Recipe, base_model: str, token_stats: dict, run_root: str, *, node_index: int,
-             num_nodes: int, main_ip: str, run_key: str) -> dict:
+             num_nodes: int, main_ip: str, run_key: str, resume_roots: list[str] | None = None) -> dict:
     """One Metaflow node of the train step: write the spec, run torchrun, report rank 0's results.
 
     Checkpoints of a run live in ``<run_root>/checkpoints``; a restarted step (``@retry``)
-    finds them there and continues from the latest complete one.
+    finds them there and continues from the latest complete one. ``resume_roots`` (see
+    :func:`resume_roots_for`) are searched too, and the latest checkpoint over all of them wins.
     """
     from steps.models import load_tokenizer
 
@@ -127,7 +214,7 @@ def run_node(recipe: Recipe, base_model: str, token_stats: dict, run_root: str, 
     tokenizer = load_tokenizer(base_model, recipe.model.trust_remote_code)
     spec = TrainSpec(recipe=recipe_to_dict(recipe), base_model=str(base_model),
                      token_uris=token_stats["train"]["uris"], checkpoint_root=str(ckpt_root),
-                     resume_roots=[], pad_id=int(tokenizer.pad_token_id))
+                     resume_roots=list(resume_roots or []), pad_id=int(tokenizer.pad_token_id))
     spec_path = logs / f"train_spec-node{node_index}.json"
     spec.write(spec_path)
     launch(spec_path, num_nodes=num_nodes, node_rank=node_index, nproc_per_node=recipe.train.nproc_per_node,
@@ -189,7 +276,110 @@ class PackedRows:
 
 
 def _log(rank: int, message: str) -> None:
-    print(f"[rank {rank}] {message}", flush=True)
+    # Under torchrun every line already carries "[rank N]" (see launch); print plain text here.
+    print(message, flush=True)
+
+
+def _build_model(spec: TrainSpec, recipe: Recipe, device: torch.device, resume: Path | None):
+    """The model to train, with the resumed checkpoint's weights, on ``device``, not yet wrapped.
+
+    ``finetune: lora`` wraps the base model with peft adapters (the base weights frozen); the
+    adapter's initial values come from the recipe seed, so every rank builds the same model.
+    """
+    from steps.models import load_model
+
+    t = recipe.train
+    model = load_model(spec.base_model, recipe.model.trust_remote_code, recipe.model.attn_implementation)
+    model.config.use_cache = False
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if t.finetune == "lora":
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(
+            task_type="CAUSAL_LM", r=t.lora.rank, lora_alpha=t.lora.alpha, lora_dropout=t.lora.dropout,
+            target_modules=list(t.lora.target_modules)))
+    if resume is not None:
+        checkpoint.load_weights(model, resume)
+    return model.to(device)
+
+
+def _wrap(model, strategy: str, world: int, device: torch.device):
+    """The module that runs forward/backward: the model itself, DDP around it, or FSDP2 in place."""
+    if strategy == "fsdp2" and world > 1:
+        from torch.distributed.fsdp import fully_shard
+
+        # One FSDP unit per decoder layer, then the root (embeddings, norm, head): each layer's
+        # parameters are gathered just before its forward and freed after it.
+        for module in model.modules():
+            if type(module).__name__.endswith("DecoderLayer"):
+                fully_shard(module)
+        fully_shard(model)
+        return model
+    if world > 1:
+        return torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model
+
+
+def _sync_gradients(train_model, layout: str, world: int, sync: bool):
+    """A context in which backward reduces gradients over ranks only when ``sync`` (last micro-batch).
+
+    DeepSpeed decides this itself from its ``gradient_accumulation_steps``.
+    """
+    if world == 1 or layout == "deepspeed":
+        return contextlib.nullcontext()
+    if layout == "fsdp2":
+        train_model.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+    return contextlib.nullcontext() if sync else train_model.no_sync()
+
+
+def _state_layout(strategy: str, world: int) -> str:
+    """How training state is held and checkpointed: ``full`` (one copy, DDP or a single rank),
+    ``fsdp2`` (sharded parameters, DCP optimizer shards) or ``deepspeed`` (its engine and files).
+
+    >>> _state_layout("fsdp2", 1), _state_layout("fsdp2", 2), _state_layout("deepspeed_zero2", 1)
+    ('full', 'fsdp2', 'deepspeed')
+    """
+    if strategy.startswith("deepspeed"):
+        return "deepspeed"
+    return "fsdp2" if strategy == "fsdp2" and world > 1 else "full"
+
+
+def _deepspeed_engine(model, optimizer, scheduler, t, rows_per_micro: int, grad_accum: int, bf16: bool):
+    """A DeepSpeed ZeRO engine around the model, with our AdamW and LR schedule.
+
+    The optimizer is torch's AdamW, as for DDP and FSDP2 (DeepSpeed's fused CPU Adam would be
+    compiled on first use and gives slightly different numbers).
+    """
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    config = {
+        "train_micro_batch_size_per_gpu": rows_per_micro,
+        "gradient_accumulation_steps": grad_accum,
+        "zero_optimization": {"stage": 3 if t.strategy == "deepspeed_zero3" else 2},
+        "zero_allow_untested_optimizer": True,
+        "gradient_clipping": t.grad_clip,
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 2**31 - 1,
+    }
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config,
+                                      dist_init_required=False)
+    return engine
+
+
+def _failure_armed(root: Path, kind: str, step: int | None) -> bool:
+    """Whether a failure injection should still fire: once per checkpoint root, so that a retried
+    or resumed step gets past it. Read by every rank at start, before any rank can reach ``step``."""
+    return step is not None and not (root / f".injected-{kind}-{step}").exists()
+
+
+def _mark_failure_fired(root: Path, kind: str, step: int) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / f".injected-{kind}-{step}").touch()
 
 
 def main(spec_path: str) -> None:
@@ -212,7 +402,7 @@ def main(spec_path: str) -> None:
     try:
         _train(spec, recipe, rank, world, device)
     except Exception as err:
-        _log(rank, f"FAILED: {type(err).__name__}: {err}")
+        _log(rank, f"rank {rank} FAILED: {type(err).__name__}: {err}")
         raise
     finally:
         if dist.is_initialized():
@@ -220,7 +410,7 @@ def main(spec_path: str) -> None:
 
 
 def _train(spec: TrainSpec, recipe: Recipe, rank: int, world: int, device: torch.device) -> None:
-    from steps.models import load_model, load_tokenizer
+    from steps.models import load_tokenizer
 
     t = recipe.train
     row_tokens = recipe.tokenize.max_seq_tokens
@@ -231,46 +421,47 @@ def _train(spec: TrainSpec, recipe: Recipe, rank: int, world: int, device: torch
         raise ValueError(f"train.global_batch_tokens={t.global_batch_tokens} gives {micro_per_step} "
                          f"micro-batches per step, not divisible by world size {world}")
     grad_accum = micro_per_step // world
+    ckpt_root = Path(spec.checkpoint_root)
+    fail_armed = _failure_armed(ckpt_root, "fail", t.fail_at_step)
+    kill_armed = _failure_armed(ckpt_root, "kill", t.kill_rank_at_step)
 
     torch.manual_seed(recipe.seed)
     bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and device.type == "cuda")
-    model = load_model(spec.base_model, recipe.model.trust_remote_code,
-                       recipe.model.attn_implementation).to(device)
-    model.config.use_cache = False
+    resume = checkpoint.latest_checkpoint([ckpt_root] + [Path(r) for r in spec.resume_roots])
+    model = _build_model(spec, recipe, device, resume)
     tokenizer = load_tokenizer(spec.base_model, recipe.model.trust_remote_code)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+    layout = _state_layout(t.strategy, world)
+    train_model = _wrap(model, t.strategy, world, device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, recipe))
+    engine = None
+    if layout == "deepspeed":
+        # DeepSpeed owns the optimizer step, gradient reduction, clipping and the scheduler.
+        engine = train_model = _deepspeed_engine(model, optimizer, scheduler, t, rows_per_micro, grad_accum, bf16)
+        bf16 = False  # DeepSpeed's bf16 mode casts the model itself; no autocast on top
 
-    ckpt_root = Path(spec.checkpoint_root)
     if rank == 0:
         ckpt_root.mkdir(parents=True, exist_ok=True)
         checkpoint.remove_stale_temporaries(ckpt_root)
     start_step, curve = 0, []
-    resume = checkpoint.latest_checkpoint([ckpt_root] + [Path(r) for r in spec.resume_roots])
     if resume is not None:
         state = checkpoint.read_state(resume)
-        from safetensors.torch import load_file
-
-        weights = load_file(str(resume / "model.safetensors"), device=str(device))
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-        tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
-        if set(missing) - tied or unexpected:
-            raise RuntimeError(f"checkpoint {resume} does not match the model: missing "
-                               f"{sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}")
-        optimizer.load_state_dict(torch.load(resume / "optimizer.pt", weights_only=True, map_location=device))
-        scheduler.load_state_dict(torch.load(resume / "scheduler.pt", weights_only=True))
+        if engine is not None:
+            checkpoint.load_deepspeed(engine, resume)
+        else:
+            checkpoint.load_optimizer(model, optimizer, resume, sharded=layout == "fsdp2", device=device)
+            scheduler.load_state_dict(torch.load(resume / "scheduler.pt", weights_only=True))
         checkpoint.load_rng(resume, rank)
         start_step, curve = state["step"], state["train_curve"]
         _log(rank, f"resumed from {resume} at step {start_step}")
 
-    train_model = model
-    if world > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
     data = PackedRows(spec.token_uris, recipe.seed)
     if rank == 0:
-        _log(rank, f"{sum(p.numel() for p in model.parameters()):,} parameters, {len(data)} packed rows, "
-                   f"world {world}, {grad_accum} micro-batch(es) of {rows_per_micro} rows per rank per step, "
+        num_trainable = sum(p.numel() for p in trainable)
+        _log(rank, f"{sum(p.numel() for p in model.parameters()):,} parameters ({num_trainable:,} trained, "
+                   f"{t.finetune}), {len(data)} packed rows, {t.strategy} on world {world}, {grad_accum} "
+                   f"micro-batch(es) of {rows_per_micro} rows per rank per step, "
                    f"{'bf16 autocast' if bf16 else 'fp32'} on {device.type}")
 
     model.train()
@@ -284,21 +475,26 @@ def _train(spec: TrainSpec, recipe: Recipe, rank: int, world: int, device: torch
         for i, m in enumerate(mine):
             rows = slice(m * rows_per_micro, (m + 1) * rows_per_micro)
             batch = {k: v[rows].to(device) for k, v in step_batch.items()}
-            sync = i == len(mine) - 1
-            ctx = train_model.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
-            with ctx, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            with _sync_gradients(train_model, layout, world, i == len(mine) - 1), \
+                    torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 logits = train_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
                 token_loss = token_loss_sum(logits, batch["labels"], batch["position_ids"])
-                # DDP averages gradients over ranks; scale by world so the step's gradient is the
-                # mean over every trained token of the global batch.
-                (token_loss * world / step_trained).backward()
+                # DDP, FSDP2 and ZeRO average gradients over ranks; scale by world so the step's
+                # gradient is the mean over every trained token of the global batch.
+                scaled = token_loss * world / step_trained
+            if engine is not None:
+                engine.backward(scaled, scale_wrt_gas=False)  # our scale already covers accumulation
+                engine.step()  # steps the optimizer only at the accumulation boundary
+            else:
+                scaled.backward()
             loss_sum += token_loss.detach()
             window_tokens += int((batch["input_ids"] != spec.pad_id).sum())
-        if t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        if engine is None:
+            if t.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(trainable, t.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
         if world > 1:
             dist.all_reduce(loss_sum)
         loss = loss_sum.item() / step_trained
@@ -306,42 +502,61 @@ def _train(spec: TrainSpec, recipe: Recipe, rank: int, world: int, device: torch
         done = step + 1
         steps_timed += 1
 
-        if done % t.log_every_steps == 0 or done == t.max_steps or done == start_step + 1:
+        on_schedule = done % t.log_every_steps == 0 or done == t.max_steps
+        if on_schedule or done == start_step + 1:  # also print the first step, as a sign of life
             elapsed = time.perf_counter() - window_start
             tokens_per_s = window_tokens * world / max(elapsed, 1e-9)
             eta_s = (time.perf_counter() - run_start) / steps_timed * (t.max_steps - done)
-            curve.append({"step": done, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_s})
+            if on_schedule:  # the curve has the same rows whether or not the run was resumed
+                curve.append({"step": done, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_s})
             if rank == 0:
                 _log(rank, f"step {done}/{t.max_steps} loss {loss:.4f} lr {lr:.2e} "
                            f"tokens/s {tokens_per_s:,.0f} ETA {eta_s:,.0f}s")
             window_tokens, window_start = 0, time.perf_counter()
 
-        if t.fail_at_step is not None and done == t.fail_at_step:
+        if fail_armed and done == t.fail_at_step:
+            if rank == 0:
+                _mark_failure_fired(ckpt_root, "fail", done)
             raise InjectedFailure(f"train.fail_at_step={t.fail_at_step}: injected failure after step {done}")
+        if kill_armed and done == t.kill_rank_at_step and rank == world - 1:
+            _mark_failure_fired(ckpt_root, "kill", done)
+            _log(rank, f"train.kill_rank_at_step={done}: rank {rank} kills itself (SIGKILL)")
+            os.kill(os.getpid(), signal.SIGKILL)
         if done % t.save_every_steps == 0 or done == t.max_steps:
-            _save(model, tokenizer, optimizer, scheduler, ckpt_root, done, curve, rank, world)
+            _save(model, tokenizer, optimizer, scheduler, ckpt_root, done, curve, rank, world,
+                  layout=layout, engine=engine, keep_last=t.keep_last)
 
 
 def _save(model, tokenizer, optimizer, scheduler, root: Path, step: int, curve: list, rank: int,
-          world: int) -> None:
-    """Rank 0 writes the checkpoint; every rank adds its RNG state; rank 0 publishes it last."""
-    tmp = None
-    if rank == 0:
-        tmp = checkpoint.begin(root, step)
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+          world: int, *, layout: str, engine, keep_last: int) -> None:
+    """Write one checkpoint: every rank takes part, rank 0 publishes it when all are done.
+
+    Rank 0 writes the weights (full safetensors, gathered from the shards under FSDP2 and
+    ZeRO-3), the tokenizer and the scheduler; the optimizer state is one file from rank 0, one
+    DCP shard per rank under FSDP2, or DeepSpeed's own per-rank files; every rank adds its RNG
+    state.
+    """
+    tmp = checkpoint.begin(root, step) if rank == 0 else None
     if world > 1:
         names = [str(tmp) if tmp else None]
         dist.broadcast_object_list(names, src=0)
         tmp = Path(names[0])
+    checkpoint.save_weights(model, tmp, is_writer=rank == 0, layout=layout)
+    if engine is not None:
+        checkpoint.save_deepspeed(engine, tmp)
+    else:
+        checkpoint.save_optimizer(model, optimizer, tmp, is_writer=rank == 0, sharded=layout == "fsdp2")
+    if rank == 0:
+        tokenizer.save_pretrained(tmp)
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     checkpoint.save_rng(tmp, rank)
     if world > 1:
         dist.barrier()
     if rank == 0:
         final = checkpoint.commit(tmp, step, {"step": step, "train_curve": curve, "world_size": world})
         _log(rank, f"saved checkpoint {final}")
+        for removed in checkpoint.prune(root, keep_last):
+            _log(rank, f"removed checkpoint {removed} (train.keep_last={keep_last})")
 
 
 if __name__ == "__main__":
