@@ -1,0 +1,69 @@
+"""The notebooks run top to bottom against a real run, and are committed without outputs."""
+
+import os
+
+import nbformat
+import pytest
+
+from conftest import PROJECT_ROOT
+from test_cards import sft_run  # noqa: F401  (the session's shared SFTFlow run)
+
+NOTEBOOKS = PROJECT_ROOT / "notebooks"
+
+
+@pytest.mark.parametrize("name", ["inspect_run", "compare_runs"])
+def test_notebook_is_committed_without_outputs(name):
+    notebook = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    assert code and all(not cell.outputs and cell.execution_count is None for cell in code)
+
+
+def execute(name: str, env: dict) -> nbformat.NotebookNode:
+    """Run every cell in a fresh ``python3`` kernel (ipykernel of this interpreter); raise on a cell error."""
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)  # the kernel inherits this process's environment
+    try:
+        NotebookClient(notebook, kernel_name="python3", timeout=300,
+                       resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return notebook
+
+
+def outputs_of(notebook) -> tuple[str, int]:
+    """All text output of the notebook, and how many PNG images it displayed."""
+    texts, num_png = [], 0
+    for cell in notebook.cells:
+        for output in cell.get("outputs", []):
+            texts.append(output.get("text", ""))
+            texts += [str(v) for k, v in output.get("data", {}).items() if k.startswith("text/")]
+            num_png += "image/png" in output.get("data", {})
+    return "\n".join(texts), num_png
+
+
+@pytest.mark.slow
+def test_inspect_run_executes_against_the_run(sft_run):  # noqa: F811
+    notebook = execute("inspect_run", {**sft_run["env"], "POSTTRAIN_RUN": sft_run["pathspec"]})
+    text, num_png = outputs_of(notebook)
+    assert sft_run["pathspec"] in text
+    assert "<mark>" in text  # the masked conversation, trained tokens highlighted
+    # 2 length histograms + loss + lr + task_score and eval_loss across checkpoints
+    assert num_png == 6
+    assert "catalog-assistant v1: promoted" in text and "{'champion': 1}" in text
+
+
+@pytest.mark.slow
+def test_compare_runs_executes_side_by_side(sft_run):  # noqa: F811
+    # One run compared with itself: the test session makes a single SFTFlow run (a second costs
+    # minutes on CI); the notebook does not care whether the two pathspecs differ.
+    pair = f"{sft_run['pathspec']},{sft_run['pathspec']}"
+    notebook = execute("compare_runs", {**sft_run["env"], "POSTTRAIN_RUNS": pair})
+    text, num_png = outputs_of(notebook)
+    assert num_png == 3 and "the two recipes are the same" in text
