@@ -24,8 +24,9 @@ for _root in (Path(__file__).resolve().parent, Path(__file__).resolve().parent.p
 if not any(os.environ.get(v) not in (None, "", "root") for v in ("METAFLOW_USER", "SUDO_USER", "USERNAME", "USER")):
     os.environ["METAFLOW_USER"] = f"{getpass.getuser()}-local"
 
-from metaflow import Config, FlowSpec, current, package_sources, parallel, step  # noqa: E402
+from metaflow import Config, FlowSpec, card, current, package_sources, parallel, retry, step  # noqa: E402
 
+from card_view import show  # noqa: E402  (flows/card_view.py: steps.cards blocks -> card components)
 from steps.config import recipe_from_dict  # noqa: E402
 
 # Step modules (torch, transformers) are imported inside each step: the flow file itself stays
@@ -71,29 +72,44 @@ class SFTFlow(FlowSpec):
         self.dataset_manifest = ingest.ingest(self.spec, self.run_root)
         self.next(self.tokenize)
 
+    @card(type="blank")
     @step
     def tokenize(self):
         """Render chats with the model's template, mask non-assistant tokens, pack."""
-        from steps import chat
+        from steps import cards, chat
 
         self.token_stats = chat.tokenize_splits(self.spec, self.base_model_path, self.dataset_manifest,
                                                 self.run_root)
+        show(cards.tokenize_card(self.token_stats))
         self.next(self.train, num_parallel=self.spec.train.num_nodes)
 
+    # A retry (and a `resume`) continues from the latest complete checkpoint, not from step 0.
+    @card(type="blank")
+    @retry(times=1, minutes_between_retries=0)
     @parallel
     @step
     def train(self):
         """Launch torchrun on every node; rank 0 writes checkpoints under the run root."""
-        from steps import train
+        from steps import cards, train
 
         result = train.run_node(self.spec, self.base_model_path, self.token_stats, self.run_root,
                                 node_index=current.parallel.node_index,
                                 num_nodes=current.parallel.num_nodes,
                                 main_ip=current.parallel.main_ip,
-                                run_key=current.pathspec.rsplit("/", 1)[0])
+                                run_key=f"{current.pathspec.rsplit('/', 1)[0]}/{current.retry_count}",
+                                resume_roots=train.resume_roots_for(self.spec, self._origin_run_root()))
         if current.parallel.node_index == 0:
             self.checkpoints, self.train_curve = result["checkpoints"], result["train_curve"]
+            show(cards.train_card(self.train_curve))
         self.next(self.join_train)
+
+    def _origin_run_root(self):
+        """On ``resume``, the run root of the run being resumed (its checkpoints count too)."""
+        from steps import storage
+
+        if not current.origin_run_id:
+            return None
+        return storage.run_root(self.spec.storage_root, current.flow_name, current.origin_run_id)
 
     @step
     def join_train(self, inputs):
@@ -119,27 +135,34 @@ class SFTFlow(FlowSpec):
                                                 num_parallel_tasks=len(self.eval_targets))
         self.next(self.join_evaluate)
 
+    @card(type="blank")
     @step
     def join_evaluate(self, inputs):
         """Collect the metrics table and pick the best checkpoint."""
-        from steps import evaluate
+        from steps import cards, evaluate
 
         self.merge_artifacts(inputs, exclude=["metrics"])
         self.eval_metrics = [task.metrics for task in inputs]
         self.best_checkpoint = evaluate.select_best(
             [row for row in self.eval_metrics if row["checkpoint"] != "base"],
             self.spec.evaluate.select_metric, self.spec.evaluate.select_mode)
+        show(cards.evaluate_card(self.eval_metrics, self.best_checkpoint, cards.registry_version_metrics(
+            self.spec.registry_root, self.spec.register.model_name, self.spec.promote.alias)))
         self.next(self.register)
 
+    @card(type="blank")
     @step
     def register(self):
         """Publish the best checkpoint to the model registry with lineage and metrics."""
-        from steps import publish
+        from steps import cards, publish
 
         version = publish.register_best(self.spec, self.best_checkpoint, self.eval_metrics,
                                         self.lineage, self.dataset_manifest, self.run_root)
         self.model_name, self.model_version, self.model_uri = version.name, version.version, version.uri
         self.promotion = publish.promote(self.spec, version, current.pathspec)
+        show(cards.register_card(self.model_name, self.model_version, self.model_uri, self.eval_metrics,
+                                 self.best_checkpoint, self.promotion, cards.registry_version_metrics(
+                                     self.spec.registry_root, self.model_name, self.promotion["champion_version"])))
         self.next(self.end)
 
     @step

@@ -56,9 +56,11 @@ class ModelConfig:
 @dataclass(kw_only=True, slots=True)
 class SourceConfig:
     uri: str
-    """``builtin:catalog``, a local path or ``s3://`` URI of JSONL / Parquet data."""
+    """``builtin:catalog``; a local path or ``s3://`` URI of JSONL (``.gz`` too) or Parquet (a file or
+    a folder / prefix of them); or a local folder saved by ``datasets``."""
     weight: float = 1.0
-    """Relative sampling weight of this source (1.0 = take every record once)."""
+    """Times each training conversation of this source is taken: 2.0 = twice, 0.5 = a hash-chosen
+    half (``steps.ingest.num_copies``). An eval conversation is taken at most once."""
 
     def validate(self, path: str) -> None:
         _check(bool(self.uri.strip()), f"{path}.uri", "a non-empty URI", self.uri)
@@ -99,11 +101,40 @@ class TokenizeConfig:
     """Length of a packed row, and so the longest conversation that is kept."""
     truncation: Literal["drop", "turn"] = "drop"
     """Over-long conversations: ``drop`` them, or cut at the last assistant turn that fits."""
+    max_reject_fraction: float = 0.01
+    """Fail tokenize if the chat template rejects more than this share of conversations
+    (e.g. roles that do not alternate); below it they are skipped and counted by reason."""
+    num_workers: int = 1
+    """Processes that render and label conversations (1 = this one, 0 = one per CPU). Rows are
+    the same for any number."""
 
     def validate(self, path: str) -> None:
         _check(self.max_seq_tokens >= 8, f"{path}.max_seq_tokens", ">= 8", self.max_seq_tokens)
         _check(self.truncation in ("drop", "turn"), f"{path}.truncation", "'drop' or 'turn'",
                self.truncation)
+        _check(0 <= self.max_reject_fraction <= 1, f"{path}.max_reject_fraction", "in [0, 1]",
+               self.max_reject_fraction)
+        _check(self.num_workers >= 0, f"{path}.num_workers", ">= 0", self.num_workers)
+
+
+@dataclass(kw_only=True, slots=True)
+class LoraConfig:
+    rank: int = 8
+    """Rank r of the low-rank update ``B @ A``."""
+    alpha: float = 16.0
+    """Scale of the update is ``alpha / rank``."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input."""
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    """Names of the linear layers that get an adapter."""
+
+    def validate(self, path: str) -> None:
+        _check(self.rank > 0, f"{path}.rank", "> 0", self.rank)
+        _check(self.alpha > 0, f"{path}.alpha", "> 0", self.alpha)
+        _check(0 <= self.dropout < 1, f"{path}.dropout", "in [0, 1)", self.dropout)
+        _check(len(self.target_modules) > 0, f"{path}.target_modules", "a non-empty list",
+               self.target_modules)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -112,10 +143,16 @@ class TrainConfig:
     """Metaflow @parallel nodes; each runs torchrun with nproc_per_node ranks."""
     nproc_per_node: int = 1
     """torchrun ranks per node (GPUs per node on GPU machines)."""
-    strategy: Literal["ddp"] = "ddp"
-    """Data-parallel strategy. ``ddp`` now; FSDP2 and DeepSpeed ZeRO are planned."""
-    finetune: Literal["full"] = "full"
-    """``full`` fine-tuning (LoRA is planned)."""
+    strategy: Literal["ddp", "fsdp2", "deepspeed_zero2", "deepspeed_zero3"] = "ddp"
+    """Data-parallel strategy: ``ddp`` (replicated), ``fsdp2`` (``fully_shard`` per decoder layer;
+    optimizer state saved sharded with torch DCP), ``deepspeed_zero2`` / ``deepspeed_zero3``
+    (DeepSpeed ZeRO stage 2 / 3, its own sharded checkpoint files; ``pip install .[deepspeed]``)."""
+    finetune: Literal["full", "lora"] = "full"
+    """``full`` fine-tuning, or ``lora`` adapters (peft); checkpoints then hold the adapter only."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """Adapter settings, used when ``finetune`` is ``lora``."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward (less memory, about a third more compute)."""
     micro_batch_tokens: int = 4096
     """Tokens per packed micro-batch on one rank (a multiple of tokenize.max_seq_tokens)."""
     global_batch_tokens: int = 4096
@@ -142,15 +179,25 @@ class TrainConfig:
     """Compute dtype: ``auto`` is fp32 on CPU and bf16 autocast on GPU."""
     num_threads: int = 0
     """torch intra-op threads per rank on CPU (0 = cores / local ranks)."""
+    keep_last: int = 0
+    """Keep only the newest this many checkpoints, plus those evaluation may still need
+    (0 keeps all; evaluation scores every kept checkpoint)."""
+    resume_from: str | None = None
+    """A checkpoint folder, or a run root / checkpoint root, whose latest complete checkpoint a
+    fresh run starts from (weights, optimizer, scheduler, data position, RNG)."""
     fail_at_step: int | None = None
-    """Failure injection for tests: raise after this optimizer step (before it is saved)."""
+    """Failure injection for tests: raise after this optimizer step (before it is saved). It fires
+    once per checkpoint root, so a retried or resumed step gets past it."""
+    kill_rank_at_step: int | None = None
+    """Failure injection for tests: the last rank dies (SIGKILL) after this optimizer step."""
 
     def validate(self, path: str) -> None:
         for name in ("num_nodes", "nproc_per_node", "micro_batch_tokens", "global_batch_tokens",
                      "max_steps", "save_every_steps", "log_every_steps"):
             _check(getattr(self, name) > 0, f"{path}.{name}", "> 0", getattr(self, name))
-        _check(self.strategy in ("ddp",), f"{path}.strategy", "'ddp'", self.strategy)
-        _check(self.finetune in ("full",), f"{path}.finetune", "'full'", self.finetune)
+        _check(self.strategy in ("ddp", "fsdp2", "deepspeed_zero2", "deepspeed_zero3"), f"{path}.strategy",
+               "'ddp', 'fsdp2', 'deepspeed_zero2' or 'deepspeed_zero3'", self.strategy)
+        _check(self.finetune in ("full", "lora"), f"{path}.finetune", "'full' or 'lora'", self.finetune)
         _check(self.lr > 0, f"{path}.lr", "> 0", self.lr)
         _check(0 <= self.min_lr_ratio <= 1, f"{path}.min_lr_ratio", "in [0, 1]", self.min_lr_ratio)
         _check(self.warmup_steps >= 0, f"{path}.warmup_steps", ">= 0", self.warmup_steps)
@@ -163,6 +210,10 @@ class TrainConfig:
         _check(self.num_threads >= 0, f"{path}.num_threads", ">= 0", self.num_threads)
         _check(self.fail_at_step is None or self.fail_at_step > 0, f"{path}.fail_at_step",
                "null or > 0", self.fail_at_step)
+        _check(self.kill_rank_at_step is None or self.kill_rank_at_step > 0, f"{path}.kill_rank_at_step",
+               "null or > 0", self.kill_rank_at_step)
+        _check(self.keep_last >= 0, f"{path}.keep_last", ">= 0", self.keep_last)
+        self.lora.validate(f"{path}.lora")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -198,10 +249,25 @@ class RegisterConfig:
     model_name: str = "catalog-assistant"
     """Registry name under which versions are published."""
     registry_root: str | None = None
-    """Registry location; default ``<storage>/registry``."""
+    """Registry location: a folder or ``s3://bucket/prefix``; default ``<storage>/registry``."""
 
     def validate(self, path: str) -> None:
-        _check(bool(self.model_name), f"{path}.model_name", "a non-empty name", self.model_name)
+        from steps.registry import validate_name
+
+        _check(_passes(validate_name, self.model_name), f"{path}.model_name",
+               "a registry name (letters, digits, '.', '_', '-'; no '/' or '..')", self.model_name)
+        _check(self.registry_root is None or not self.registry_root.startswith("s3://")
+               or len(self.registry_root.removeprefix("s3://").strip("/")) > 0,
+               f"{path}.registry_root", "a folder or s3://bucket/prefix", self.registry_root)
+
+
+def _passes(validator, value: Any) -> bool:
+    """Whether ``validator(value)`` accepts ``value`` (it raises ``ValueError`` when not)."""
+    try:
+        validator(value)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass(kw_only=True, slots=True)
@@ -219,7 +285,27 @@ class PromoteConfig:
         _check(bool(self.metric), f"{path}.metric", "a metric name", self.metric)
         _check(self.mode in ("max", "min"), f"{path}.mode", "'max' or 'min'", self.mode)
         _check(self.min_delta >= 0, f"{path}.min_delta", ">= 0", self.min_delta)
-        _check(bool(self.alias), f"{path}.alias", "a non-empty alias", self.alias)
+        from steps.registry import validate_alias
+
+        _check(_passes(validate_alias, self.alias), f"{path}.alias",
+               "an alias (letters, digits, '.', '_', '-'; not all digits, not 'latest')", self.alias)
+
+
+@dataclass(kw_only=True, slots=True)
+class RetrainConfig:
+    """Settings of flows/retrain_flow.py (the SFT flow ignores them)."""
+
+    drops: str | None = None
+    """Folder or ``s3://`` prefix where new data files (JSONL, JSONL.gz, Parquet) arrive."""
+    force: bool = False
+    """Retrain on every drop even if none is new (otherwise a run without new data fails)."""
+    schedule: Literal["hourly", "daily", "weekly"] = "daily"
+    """How often the deployed flow runs (``@schedule``; read when it is deployed)."""
+
+    def validate(self, path: str) -> None:
+        _check(self.drops is None or bool(self.drops.strip()), f"{path}.drops", "null or a URI", self.drops)
+        _check(self.schedule in ("hourly", "daily", "weekly"), f"{path}.schedule",
+               "'hourly', 'daily' or 'weekly'", self.schedule)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -237,6 +323,7 @@ class Recipe:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
     promote: PromoteConfig = field(default_factory=PromoteConfig)
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
 
     def __post_init__(self) -> None:
         self.model.validate("model")
@@ -246,6 +333,7 @@ class Recipe:
         self.evaluate.validate("evaluate")
         self.register.validate("register")
         self.promote.validate("promote")
+        self.retrain.validate("retrain")
         t = self.train
         _check(t.micro_batch_tokens % self.tokenize.max_seq_tokens == 0, "train.micro_batch_tokens",
                f"a multiple of tokenize.max_seq_tokens ({self.tokenize.max_seq_tokens})",

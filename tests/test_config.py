@@ -41,7 +41,7 @@ def test_round_trip_through_plain_data():
     ({"train": {"lr": -1}}, "recipe field 'train.lr' must be > 0, got -1.0"),
     ({"train": {"max_steps": "ten"}}, "recipe field 'train.max_steps' must be an integer, got 'ten'"),
     ({"train": {"max_steps": True}}, "recipe field 'train.max_steps' must be an integer, got True"),
-    ({"train": {"strategy": "horovod"}}, "recipe field 'train.strategy' must be one of ['ddp']"),
+    ({"train": {"strategy": "horovod"}}, "recipe field 'train.strategy' must be one of ['ddp', 'fsdp2', 'deepspeed_zero2', 'deepspeed_zero3']"),
     ({"tokenize": {"truncation": "middle"}}, "recipe field 'tokenize.truncation' must be one of"),
     ({"train": {"micro_batch_tokens": 1000}},
      "recipe field 'train.micro_batch_tokens' must be a multiple of tokenize.max_seq_tokens (256), got 1000"),

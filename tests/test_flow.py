@@ -105,3 +105,47 @@ def test_default_recipe_learns_the_catalog_task(tmp_path, metaflow_env):
     assert best["task_score"] - base["task_score"] >= 0.4
     assert data.model_version == 1 and Path(data.model_uri).is_relative_to(tmp_path / "storage")
     assert data.token_stats["train"]["num_rows"] > 2000
+
+
+@pytest.mark.slow
+def test_sft_flow_registers_to_an_s3_registry(tmp_path, metaflow_env, s3_bucket):
+    """`register.registry_root: s3://...` uploads the version; it pulls back checksum-verified and loads."""
+    import os
+
+    from metaflow import namespace
+
+    from steps import storage
+    from steps.registry import Registry
+
+    registry_root = f"s3://{s3_bucket}/registry"
+    recipe = small_recipe(tmp_path, register={"registry_root": registry_root})
+    s3_env = {key: os.environ[key] for key in (
+        "METAFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    run = run_flow(recipe, metaflow_env, env=s3_env)
+    namespace(None)
+    data = run["end"].task.data
+    assert (data.model_name, data.model_version) == ("catalog-assistant", 1)
+    assert data.model_uri == f"{registry_root}/catalog-assistant/versions/1"
+    assert (data.promotion["promoted"], data.promotion["reason"]) == (True, "no current champion")
+
+    registry = Registry(registry_root)
+    version = registry.get("catalog-assistant", "champion")
+    assert version.version == 1 and registry.promotion("catalog-assistant", 1) == data.promotion
+    assert version.manifest["run"] == run.pathspec
+    eval_split = data.dataset_manifest["splits"]["eval"]
+    assert version.manifest["eval_set"]["fingerprint"] == eval_split["fingerprint"]
+    best = data.best_checkpoint
+    assert version.manifest["metrics"]["assistant_token_accuracy"] == best["assistant_token_accuracy"]
+    assert version.manifest["lineage"]["git_sha"] and version.manifest["lineage"]["packages"]["torch"]
+    stored = {uri.removeprefix(data.model_uri + "/") for uri in storage.list_files(data.model_uri)}
+    assert {"manifest.json", "promotion.json", "model.safetensors", "config.json"} <= stored
+    assert stored - {"manifest.json", "promotion.json"} == set(version.manifest["files"])
+
+    pulled = registry.download("catalog-assistant", "champion", tmp_path / "pulled")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(pulled)
+    tokenizer = AutoTokenizer.from_pretrained(pulled)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Recommend a comedy."}],
+                                        add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=8, do_sample=False)
+    assert out.shape[1] > ids["input_ids"].shape[1]
