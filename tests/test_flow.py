@@ -41,6 +41,18 @@ def run_flow(recipe_path: Path | None, sysroot: Path, env: dict | None = None, *
         return result.run
 
 
+def assert_loads_and_generates(model_dir: Path) -> None:
+    """A registered model folder loads with plain transformers and generates new tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Recommend a comedy."}],
+                                        add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=8, do_sample=False)
+    assert out.shape[1] > ids["input_ids"].shape[1]
+
+
 @pytest.mark.slow
 def test_sft_flow_end_to_end_registers_versions_1_then_2(tmp_path, metaflow_env):
     from metaflow import Flow, namespace
@@ -63,13 +75,7 @@ def test_sft_flow_end_to_end_registers_versions_1_then_2(tmp_path, metaflow_env)
     assert end.best_checkpoint["checkpoint"] in {"step-000012", "step-000024"}
     assert end.lineage["recipe"]["name"] == "sft-ci"
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    model = AutoModelForCausalLM.from_pretrained(model_uri)
-    tokenizer = AutoTokenizer.from_pretrained(model_uri)
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Recommend a comedy."}],
-                                        add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    out = model.generate(**ids, max_new_tokens=8, do_sample=False)
-    assert out.shape[1] > ids["input_ids"].shape[1]
+    assert_loads_and_generates(model_uri)
 
     v1_manifest = (model_uri / "manifest.json").read_bytes()
     run_flow(recipe, metaflow_env)
@@ -142,10 +148,4 @@ def test_sft_flow_registers_to_an_s3_registry(tmp_path, metaflow_env, s3_bucket)
     assert stored - {"manifest.json", "promotion.json"} == set(version.manifest["files"])
 
     pulled = registry.download("catalog-assistant", "champion", tmp_path / "pulled")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    model = AutoModelForCausalLM.from_pretrained(pulled)
-    tokenizer = AutoTokenizer.from_pretrained(pulled)
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Recommend a comedy."}],
-                                        add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    out = model.generate(**ids, max_new_tokens=8, do_sample=False)
-    assert out.shape[1] > ids["input_ids"].shape[1]
+    assert_loads_and_generates(pulled)
