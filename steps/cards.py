@@ -87,22 +87,37 @@ def throughput(train_curve: Sequence[dict]) -> dict:
 
 
 def train_card(train_curve: Sequence[dict]) -> list[dict]:
-    """The train step's card: loss and learning-rate curves (PNG) and tokens/s per log window."""
+    """The train step's card: loss and learning-rate curves (PNG) and tokens/s per log window,
+    with achieved TFLOP/s per device and MFU where the trainer measured them (MFU on GPUs only).
+
+    >>> train_card([{"step": 4, "loss": 2.5, "lr": 1e-3, "tokens_per_s": 900.0, "tflops_per_device": 312.0,
+    ...              "mfu": 0.3153}])[-1]
+    {'table': [[4, 2.5, '0.001', 900, 312.0, '31.5%']], 'headers': ['step', 'loss', 'lr', 'tokens/s', 'TFLOP/s/device', 'MFU']}
+    """
     steps = [row["step"] for row in train_curve]
     speed = throughput(train_curve)
+    with_flops = bool(train_curve) and all("tflops_per_device" in row for row in train_curve)
+    mfus = [row["mfu"] for row in train_curve if row.get("mfu") is not None]
+    mfu_text = f", mean MFU **{100 * sum(mfus) / len(mfus):.1f}%**" if mfus else ""
+
+    def flops_cells(row: dict) -> list:
+        if not with_flops:
+            return []
+        return [round(row["tflops_per_device"], 3), "n/a" if row.get("mfu") is None else f"{100 * row['mfu']:.1f}%"]
+
     return [
         {"markdown": f"## Training\n{len(steps)} logged points up to step {steps[-1] if steps else 0}; "
                      f"mean throughput **{speed['mean_tokens_per_s']:,.0f} tokens/s** "
-                     f"(last window {speed['last_tokens_per_s']:,.0f} tokens/s)."},
+                     f"(last window {speed['last_tokens_per_s']:,.0f} tokens/s){mfu_text}."},
         {"image": line_plot_png({"train loss": (steps, [row["loss"] for row in train_curve])},
                                 title="Training loss", xlabel="optimizer step", ylabel="loss"),
          "label": "loss"},
         {"image": line_plot_png({"lr": (steps, [row["lr"] for row in train_curve])},
                                 title="Learning rate", xlabel="optimizer step", ylabel="lr"),
          "label": "learning rate"},
-        {"table": [[row["step"], round(row["loss"], 4), f"{row['lr']:.3g}", round(row["tokens_per_s"])]
-                   for row in train_curve],
-         "headers": ["step", "loss", "lr", "tokens/s"]},
+        {"table": [[row["step"], round(row["loss"], 4), f"{row['lr']:.3g}", round(row["tokens_per_s"]),
+                    *flops_cells(row)] for row in train_curve],
+         "headers": ["step", "loss", "lr", "tokens/s"] + (["TFLOP/s/device", "MFU"] if with_flops else [])},
     ]
 
 

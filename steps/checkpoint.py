@@ -116,11 +116,13 @@ def is_adapter(path: Path) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
-def save_weights(model, folder: Path, *, is_writer: bool, layout: str = "full") -> None:
+def save_weights(model, folder: Path, *, is_writer: bool, layout: str = "full",
+                 real_vocab: int | None = None) -> None:
     """Write the model as a Hugging Face folder (safetensors): the adapter only for a peft model.
 
     Under FSDP2 and DeepSpeed (``layout``) every rank must call this: the full state dict is
-    gathered (to CPU under FSDP2), and only the writer (rank 0) saves it.
+    gathered (to CPU under FSDP2), and only the writer (rank 0) saves it. A model trained with a
+    padded vocabulary (``train.pad_vocab_multiple``) is saved at ``real_vocab`` rows.
     """
     if layout == "deepspeed":
         import deepspeed
@@ -129,7 +131,7 @@ def save_weights(model, folder: Path, *, is_writer: bool, layout: str = "full") 
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
             if is_writer:
                 full = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-                model.save_pretrained(folder, safe_serialization=True, state_dict=_without_tied_aliases(model, full))
+                _save_pretrained(model, folder, _without_tied_aliases(model, full), real_vocab)
         return
     state_dict = None
     if layout == "fsdp2":
@@ -139,7 +141,27 @@ def save_weights(model, folder: Path, *, is_writer: bool, layout: str = "full") 
                                                                           cpu_offload=True))
         state_dict = _without_tied_aliases(model, state_dict)
     if is_writer:
+        _save_pretrained(model, folder, state_dict, real_vocab)
+
+
+def _save_pretrained(model, folder: Path, state_dict: dict | None, real_vocab: int | None) -> None:
+    """``save_pretrained``, cutting the embedding and LM head back to ``real_vocab`` rows."""
+    embed = model.get_input_embeddings().weight
+    padded = embed.shape[0]
+    if real_vocab is None or padded == real_vocab:
         model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
+        return
+    if state_dict is None:
+        state_dict = _without_tied_aliases(model, {k: v.detach() for k, v in model.state_dict().items()})
+    head = model.get_output_embeddings()
+    vocab_params = {id(embed)} | ({id(head.weight)} if head is not None else set())
+    vocab_names = {name for name, p in model.named_parameters(remove_duplicate=False) if id(p) in vocab_params}
+    state_dict = {k: v[:real_vocab] if k in vocab_names else v for k, v in state_dict.items()}
+    model.config.vocab_size = real_vocab
+    try:
+        model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
+    finally:
+        model.config.vocab_size = padded
 
 
 def _without_tied_aliases(model, state_dict: dict) -> dict:

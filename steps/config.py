@@ -40,15 +40,18 @@ class ModelConfig:
     """Base model: ``builtin:tiny-llama`` (built offline), a local folder, or a Hugging Face id."""
     trust_remote_code: bool = False
     """Run model code shipped with the checkpoint. Off unless you trust the source."""
-    attn_implementation: str = "sdpa"
-    """Attention kernel passed to transformers (``sdpa``, ``eager``, ``flash_attention_2``)."""
+    attn_implementation: str = "auto"
+    """Attention kernel passed to transformers: ``auto`` (``sdpa`` on CPU; on GPU
+    ``flash_attention_2`` if the flash-attn package is installed, else ``flex_attention``: both
+    keep packed documents apart without materializing a mask), ``sdpa``, ``eager``,
+    ``flash_attention_2`` or ``flex_attention``. See ``steps.models.resolve_attn_implementation``."""
 
     def validate(self, path: str) -> None:
         _check(bool(self.base.strip()), f"{path}.base", "a non-empty model name", self.base)
         _check(
-            self.attn_implementation in ("sdpa", "eager", "flash_attention_2", "flex_attention"),
+            self.attn_implementation in ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention"),
             f"{path}.attn_implementation",
-            "one of sdpa, eager, flash_attention_2, flex_attention",
+            "one of auto, sdpa, eager, flash_attention_2, flex_attention",
             self.attn_implementation,
         )
 
@@ -179,6 +182,16 @@ class TrainConfig:
     """Compute dtype: ``auto`` is fp32 on CPU and bf16 autocast on GPU."""
     num_threads: int = 0
     """torch intra-op threads per rank on CPU (0 = cores / local ranks)."""
+    chunked_ce: Literal["auto", "on", "off"] = "auto"
+    """Compute the LM head and cross-entropy in chunks of ``ce_chunk_tokens`` trained tokens, so
+    the ``[tokens, vocab]`` logits are never materialized (``steps.losses.chunked_token_loss_sum``).
+    ``auto``: on on GPU, off on CPU (where the plain loss is faster for small vocabularies)."""
+    ce_chunk_tokens: int = 4096
+    """Trained tokens per chunk of the chunked cross-entropy."""
+    pad_vocab_multiple: int = 0
+    """Pad the embedding and LM head to a multiple of this many rows while training (64 keeps the
+    LM-head matmul on the fast tensor-core kernels); the padded rows are never predicted and the
+    saved checkpoints have the real vocabulary size. 0 = no padding."""
     keep_last: int = 0
     """Keep only the newest this many checkpoints, plus those evaluation may still need
     (0 keeps all; evaluation scores every kept checkpoint)."""
@@ -198,6 +211,13 @@ class TrainConfig:
         _check(self.strategy in ("ddp", "fsdp2", "deepspeed_zero2", "deepspeed_zero3"), f"{path}.strategy",
                "'ddp', 'fsdp2', 'deepspeed_zero2' or 'deepspeed_zero3'", self.strategy)
         _check(self.finetune in ("full", "lora"), f"{path}.finetune", "'full' or 'lora'", self.finetune)
+        _check(self.chunked_ce in ("auto", "on", "off"), f"{path}.chunked_ce", "'auto', 'on' or 'off'",
+               self.chunked_ce)
+        _check(self.ce_chunk_tokens > 0, f"{path}.ce_chunk_tokens", "> 0", self.ce_chunk_tokens)
+        _check(self.pad_vocab_multiple >= 0, f"{path}.pad_vocab_multiple", ">= 0", self.pad_vocab_multiple)
+        # A peft adapter checkpoint would then carry the resized embeddings; not supported yet.
+        _check(not (self.pad_vocab_multiple and self.finetune == "lora"), f"{path}.pad_vocab_multiple",
+               "0 with finetune: lora (vocabulary padding is for full fine-tuning)", self.pad_vocab_multiple)
         _check(self.lr > 0, f"{path}.lr", "> 0", self.lr)
         _check(0 <= self.min_lr_ratio <= 1, f"{path}.min_lr_ratio", "in [0, 1]", self.min_lr_ratio)
         _check(self.warmup_steps >= 0, f"{path}.warmup_steps", ">= 0", self.warmup_steps)

@@ -15,6 +15,9 @@ MFU = achieved FLOP/s / the device's peak dense bf16 FLOP/s (:data:`PEAK_BF16_FL
 
 from __future__ import annotations
 
+from typing import Sequence
+
+import numpy as np
 import torch
 
 # Dense (no sparsity) bf16 peak FLOP/s per device, from the vendors' data sheets.
@@ -63,6 +66,35 @@ def flops_per_token(config, num_matmul_params: int, seq_len: int) -> float:
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return 6.0 * num_matmul_params + 12.0 * layers * heads * head_dim * seq_len
+
+
+def document_lengths(position_ids: Sequence[int]) -> list[int]:
+    """Lengths of the documents of one packed row, read off the position resets.
+
+    >>> document_lengths([0, 1, 2, 0, 1, 0])
+    [3, 2, 1]
+    """
+    positions = np.asarray(position_ids)
+    starts = np.flatnonzero(positions == 0).tolist() + [len(positions)]
+    return [end - start for start, end in zip(starts[:-1], starts[1:]) if end > start]
+
+
+def training_flops(config, num_matmul_params: int, doc_lengths: Sequence[int]) -> float:
+    """Training FLOPs (forward + backward) of packed documents with document-isolated attention.
+
+    Every token costs ``6 N``; a token of a document of length ``l`` attends to (up to) ``l``
+    positions, so the document's attention costs ``12 L H Q l**2`` (:func:`flops_per_token` at
+    ``seq_len = l``, per token). Counting each document at its own length, not at the packed
+    row's, keeps MFU honest for packed data.
+
+    >>> from types import SimpleNamespace
+    >>> cfg = SimpleNamespace(num_hidden_layers=2, num_attention_heads=4, hidden_size=64)
+    >>> training_flops(cfg, 1000, [3, 2]) == 3 * flops_per_token(cfg, 1000, 3) + 2 * flops_per_token(cfg, 1000, 2)
+    True
+    """
+    lengths = np.asarray(doc_lengths, dtype=np.float64)
+    attention_per_token_per_position = flops_per_token(config, 0, 1)  # 12 L H Q
+    return float(6.0 * num_matmul_params * lengths.sum() + attention_per_token_per_position * (lengths ** 2).sum())
 
 
 def mfu(tokens_per_s: float, flops_per_tok: float, device_name: str, num_devices: int = 1) -> float | None:

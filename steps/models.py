@@ -27,9 +27,34 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
 
 
+def resolve_attn_implementation(name: str, device_type: str) -> str:
+    """The attention kernel for ``model.attn_implementation`` on a device type.
+
+    ``auto`` picks what keeps packed documents apart at full speed. On CPU that is ``sdpa``: with
+    ``position_ids`` and no attention mask, transformers builds the block-diagonal causal mask
+    from the position resets. On GPU, ``flash_attention_2`` when the flash-attn package is
+    installed (varlen kernels, with document boundaries taken from ``position_ids``), else
+    ``flex_attention`` (a block-sparse kernel from the same document mask); SDPA with such a mask
+    would fall back from the flash kernel to a dense masked one. An explicit name is kept.
+
+    >>> resolve_attn_implementation("auto", "cpu"), resolve_attn_implementation("eager", "cuda")
+    ('sdpa', 'eager')
+    """
+    if name != "auto":
+        return name
+    if device_type != "cuda":
+        return "sdpa"
+    import importlib.util
+
+    return "flash_attention_2" if importlib.util.find_spec("flash_attn") else "flex_attention"
+
+
 def load_model(path: str | Path, trust_remote_code: bool = False, attn_implementation: str = "sdpa",
-               dtype=None):
-    """Load a causal LM from safetensors weights (pickled ``.bin`` weights are refused)."""
+               dtype=None, device_type: str = "cpu"):
+    """Load a causal LM from safetensors weights (pickled ``.bin`` weights are refused).
+
+    ``attn_implementation`` may be ``auto`` (see :func:`resolve_attn_implementation`).
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -37,6 +62,6 @@ def load_model(path: str | Path, trust_remote_code: bool = False, attn_implement
         str(path),
         trust_remote_code=trust_remote_code,
         use_safetensors=True,
-        attn_implementation=attn_implementation,
+        attn_implementation=resolve_attn_implementation(attn_implementation, device_type),
         dtype=dtype or torch.float32,
     )

@@ -45,7 +45,7 @@ import subprocess
 import sys
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -54,8 +54,8 @@ import torch.distributed as dist
 
 from steps import checkpoint
 from steps.config import Recipe, recipe_from_dict, recipe_to_dict
-from steps.losses import num_target_tokens, token_loss_sum
-from steps.packing import collate_rows
+from steps import efficiency
+from steps.objectives import Objective, objective_for
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 COLLECTIVE_TIMEOUT_S = 60
@@ -71,6 +71,10 @@ class TrainSpec:
     checkpoint_root: str
     resume_roots: list[str]
     pad_id: int
+    objective: str = "sft"
+    """What the loss is: a name in ``steps.objectives.OBJECTIVES``."""
+    objective_inputs: dict = field(default_factory=dict)
+    """What that objective needs besides the model and the token shards (a teacher path, ...)."""
 
     @classmethod
     def read(cls, path: str | Path) -> TrainSpec:
@@ -199,12 +203,14 @@ def resume_roots_for(recipe: Recipe, origin_run_root: str | None = None) -> list
 
 
 def run_node(recipe: Recipe, base_model: str, token_stats: dict, run_root: str, *, node_index: int,
-             num_nodes: int, main_ip: str, run_key: str, resume_roots: list[str] | None = None) -> dict:
+             num_nodes: int, main_ip: str, run_key: str, resume_roots: list[str] | None = None,
+             objective: str = "sft", objective_inputs: dict | None = None) -> dict:
     """One Metaflow node of the train step: write the spec, run torchrun, report rank 0's results.
 
     Checkpoints of a run live in ``<run_root>/checkpoints``; a restarted step (``@retry``)
     finds them there and continues from the latest complete one. ``resume_roots`` (see
     :func:`resume_roots_for`) are searched too, and the latest checkpoint over all of them wins.
+    ``objective`` names the loss (``steps.objectives``); ``objective_inputs`` is passed to it.
     """
     from steps.models import load_tokenizer
 
@@ -214,7 +220,8 @@ def run_node(recipe: Recipe, base_model: str, token_stats: dict, run_root: str, 
     tokenizer = load_tokenizer(base_model, recipe.model.trust_remote_code)
     spec = TrainSpec(recipe=recipe_to_dict(recipe), base_model=str(base_model),
                      token_uris=token_stats["train"]["uris"], checkpoint_root=str(ckpt_root),
-                     resume_roots=list(resume_roots or []), pad_id=int(tokenizer.pad_token_id))
+                     resume_roots=list(resume_roots or []), pad_id=int(tokenizer.pad_token_id),
+                     objective=objective, objective_inputs=dict(objective_inputs or {}))
     spec_path = logs / f"train_spec-node{node_index}.json"
     spec.write(spec_path)
     launch(spec_path, num_nodes=num_nodes, node_rank=node_index, nproc_per_node=recipe.train.nproc_per_node,
@@ -242,15 +249,15 @@ def lr_at(step: int, recipe: Recipe) -> float:
 
 
 class PackedRows:
-    """All packed rows of the token shards, with the per-epoch shuffled order."""
+    """All packed rows of the token shards (the objective's ``columns``), with the per-epoch
+    shuffled order."""
 
-    def __init__(self, uris: list[str], seed: int):
-        tables = [pq.read_table(u, columns=["input_ids", "labels", "position_ids"]) for u in uris]
+    def __init__(self, uris: list[str], seed: int,
+                 columns: tuple[str, ...] = ("input_ids", "labels", "position_ids")):
         self.rows = []
-        for table in tables:
-            cols = table.to_pydict()
-            self.rows += [{"input_ids": i, "labels": l, "position_ids": p}
-                          for i, l, p in zip(cols["input_ids"], cols["labels"], cols["position_ids"])]
+        for uri in uris:
+            cols = pq.read_table(uri, columns=list(columns)).to_pydict()
+            self.rows += [dict(zip(columns, values)) for values in zip(*(cols[c] for c in columns))]
         if not self.rows:
             raise ValueError(f"no packed rows in {uris}")
         self.seed = seed
@@ -281,15 +288,20 @@ def _log(rank: int, message: str) -> None:
 
 
 def _build_model(spec: TrainSpec, recipe: Recipe, device: torch.device, resume: Path | None):
-    """The model to train, with the resumed checkpoint's weights, on ``device``, not yet wrapped.
+    """The model to train, with the resumed checkpoint's weights, on ``device``, not yet wrapped,
+    and its real vocabulary size (the model's own rows may be padded past it).
 
     ``finetune: lora`` wraps the base model with peft adapters (the base weights frozen); the
     adapter's initial values come from the recipe seed, so every rank builds the same model.
+    ``train.pad_vocab_multiple`` pads the embedding and LM head after the weights are loaded
+    (checkpoints hold the real size); the padded rows start at zero and, never predicted, get
+    no gradient, so they stay zero.
     """
     from steps.models import load_model
 
     t = recipe.train
-    model = load_model(spec.base_model, recipe.model.trust_remote_code, recipe.model.attn_implementation)
+    model = load_model(spec.base_model, recipe.model.trust_remote_code, recipe.model.attn_implementation,
+                       device_type=device.type)
     model.config.use_cache = False
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -301,25 +313,30 @@ def _build_model(spec: TrainSpec, recipe: Recipe, device: torch.device, resume: 
             target_modules=list(t.lora.target_modules)))
     if resume is not None:
         checkpoint.load_weights(model, resume)
-    return model.to(device)
+    real_vocab = model.get_input_embeddings().weight.shape[0]
+    if t.pad_vocab_multiple:
+        real_vocab = efficiency.pad_vocab(model, t.pad_vocab_multiple)
+    return model.to(device), real_vocab
 
 
-def _wrap(model, strategy: str, world: int, device: torch.device):
-    """The module that runs forward/backward: the model itself, DDP around it, or FSDP2 in place."""
+def _wrap(loss_module, strategy: str, world: int, device: torch.device):
+    """The module that runs forward/backward: the objective's loss module itself, DDP around
+    it, or FSDP2 in place."""
     if strategy == "fsdp2" and world > 1:
         from torch.distributed.fsdp import fully_shard
 
-        # One FSDP unit per decoder layer, then the root (embeddings, norm, head): each layer's
-        # parameters are gathered just before its forward and freed after it.
-        for module in model.modules():
+        # One FSDP unit per decoder layer, then the root (embeddings, norm, head, and the loss
+        # that uses the head): each layer's parameters are gathered just before its forward and
+        # freed after it.
+        for module in loss_module.modules():
             if type(module).__name__.endswith("DecoderLayer"):
                 fully_shard(module)
-        fully_shard(model)
-        return model
+        fully_shard(loss_module)
+        return loss_module
     if world > 1:
         return torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    return model
+            loss_module, device_ids=[device.index] if device.type == "cuda" else None)
+    return loss_module
 
 
 def _sync_gradients(train_model, layout: str, world: int, sync: bool):
@@ -428,17 +445,21 @@ def _train(spec: TrainSpec, recipe: Recipe, rank: int, world: int, device: torch
     torch.manual_seed(recipe.seed)
     bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and device.type == "cuda")
     resume = checkpoint.latest_checkpoint([ckpt_root] + [Path(r) for r in spec.resume_roots])
-    model = _build_model(spec, recipe, device, resume)
+    objective = objective_for(spec.objective, recipe, spec.objective_inputs, device)
+    model, real_vocab = _build_model(spec, recipe, device, resume)
+    chunked = t.chunked_ce == "on" or (t.chunked_ce == "auto" and device.type == "cuda")
+    loss_module = objective.module(model, real_vocab=real_vocab, chunk_tokens=t.ce_chunk_tokens if chunked else None)
     tokenizer = load_tokenizer(spec.base_model, recipe.model.trust_remote_code)
     layout = _state_layout(t.strategy, world)
-    train_model = _wrap(model, t.strategy, world, device)
+    train_model = _wrap(loss_module, t.strategy, world, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, recipe))
     engine = None
     if layout == "deepspeed":
         # DeepSpeed owns the optimizer step, gradient reduction, clipping and the scheduler.
-        engine = train_model = _deepspeed_engine(model, optimizer, scheduler, t, rows_per_micro, grad_accum, bf16)
+        engine = train_model = _deepspeed_engine(loss_module, optimizer, scheduler, t, rows_per_micro, grad_accum,
+                                                 bf16)
         bf16 = False  # DeepSpeed's bf16 mode casts the model itself; no autocast on top
 
     if rank == 0:
@@ -456,63 +477,72 @@ def _train(spec: TrainSpec, recipe: Recipe, rank: int, world: int, device: torch
         start_step, curve = state["step"], state["train_curve"]
         _log(rank, f"resumed from {resume} at step {start_step}")
 
-    data = PackedRows(spec.token_uris, recipe.seed)
+    data = PackedRows(spec.token_uris, recipe.seed, objective.columns)
+    throughput = Throughput(model, real_vocab, device, world)
     if rank == 0:
         num_trainable = sum(p.numel() for p in trainable)
         _log(rank, f"{sum(p.numel() for p in model.parameters()):,} parameters ({num_trainable:,} trained, "
                    f"{t.finetune}), {len(data)} packed rows, {t.strategy} on world {world}, {grad_accum} "
                    f"micro-batch(es) of {rows_per_micro} rows per rank per step, "
-                   f"{'bf16 autocast' if bf16 else 'fp32'} on {device.type}")
+                   f"{'bf16 autocast' if bf16 else 'fp32'} on {device.type} ({throughput.device_name}), "
+                   f"attention {model.config._attn_implementation}, loss {spec.objective}"
+                   f"{f' with chunked CE ({t.ce_chunk_tokens} tokens)' if chunked else ''}"
+                   f"{f', vocab padded {real_vocab} -> {model.get_input_embeddings().weight.shape[0]}' if t.pad_vocab_multiple else ''}")
 
     model.train()
-    window_tokens, window_start = 0, time.perf_counter()
     run_start, steps_timed = time.perf_counter(), 0
     for step in range(start_step, t.max_steps):
-        step_batch = collate_rows(data.step_rows(step, rows_per_step), row_tokens, spec.pad_id)
-        step_trained = max(1, num_target_tokens(step_batch["labels"], step_batch["position_ids"]))
+        rows = data.step_rows(step, rows_per_step)
+        step_batch = objective.collate(rows, row_tokens, spec.pad_id)
+        step_count = max(1, objective.count(step_batch))
+        throughput.add_step(rows, step_batch["input_ids"] != spec.pad_id)
         mine = list(range(micro_per_step))[rank::world]
-        loss_sum = torch.zeros((), device=device)
+        sums: dict[str, torch.Tensor] = {}
         for i, m in enumerate(mine):
-            rows = slice(m * rows_per_micro, (m + 1) * rows_per_micro)
-            batch = {k: v[rows].to(device) for k, v in step_batch.items()}
+            micro = slice(m * rows_per_micro, (m + 1) * rows_per_micro)
+            batch = {k: v[micro].to(device) for k, v in step_batch.items()}
             with _sync_gradients(train_model, layout, world, i == len(mine) - 1), \
                     torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                logits = train_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
-                token_loss = token_loss_sum(logits, batch["labels"], batch["position_ids"])
+                out = train_model(**batch)
+                out = out if isinstance(out, dict) else {"loss": out}
                 # DDP, FSDP2 and ZeRO average gradients over ranks; scale by world so the step's
-                # gradient is the mean over every trained token of the global batch.
-                scaled = token_loss * world / step_trained
+                # gradient is the mean over the whole global batch (every trained token, or pair).
+                scaled = out["loss"] * world / step_count
             if engine is not None:
                 engine.backward(scaled, scale_wrt_gas=False)  # our scale already covers accumulation
                 engine.step()  # steps the optimizer only at the accumulation boundary
             else:
                 scaled.backward()
-            loss_sum += token_loss.detach()
-            window_tokens += int((batch["input_ids"] != spec.pad_id).sum())
+            for name, value in out.items():
+                sums[name] = sums.get(name, 0) + value.detach().float()
         if engine is None:
             if t.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(trainable, t.grad_clip)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+        names = sorted(sums)
+        totals = torch.stack([torch.as_tensor(sums[n], device=device) for n in names])
         if world > 1:
-            dist.all_reduce(loss_sum)
-        loss = loss_sum.item() / step_trained
+            dist.all_reduce(totals)
+        metrics = {n: v / step_count for n, v in zip(names, totals.tolist())}
+        loss = metrics.pop("loss")
         lr = optimizer.param_groups[0]["lr"]
         done = step + 1
         steps_timed += 1
 
         on_schedule = done % t.log_every_steps == 0 or done == t.max_steps
         if on_schedule or done == start_step + 1:  # also print the first step, as a sign of life
-            elapsed = time.perf_counter() - window_start
-            tokens_per_s = window_tokens * world / max(elapsed, 1e-9)
+            window = throughput.window()
             eta_s = (time.perf_counter() - run_start) / steps_timed * (t.max_steps - done)
             if on_schedule:  # the curve has the same rows whether or not the run was resumed
-                curve.append({"step": done, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_s})
+                curve.append({"step": done, "loss": loss, "lr": lr, **window, **metrics})
             if rank == 0:
-                _log(rank, f"step {done}/{t.max_steps} loss {loss:.4f} lr {lr:.2e} "
-                           f"tokens/s {tokens_per_s:,.0f} ETA {eta_s:,.0f}s")
-            window_tokens, window_start = 0, time.perf_counter()
+                extra = "".join(f" {n} {v:.4f}" for n, v in metrics.items())
+                mfu_text = f" MFU {100 * window['mfu']:.1f}%" if window["mfu"] is not None else ""
+                _log(rank, f"step {done}/{t.max_steps} loss {loss:.4f}{extra} lr {lr:.2e} "
+                           f"tokens/s {window['tokens_per_s']:,.0f} TFLOP/s/device "
+                           f"{window['tflops_per_device']:.3g}{mfu_text} ETA {eta_s:,.0f}s")
 
         if fail_armed and done == t.fail_at_step:
             if rank == 0:
@@ -524,11 +554,47 @@ def _train(spec: TrainSpec, recipe: Recipe, rank: int, world: int, device: torch
             os.kill(os.getpid(), signal.SIGKILL)
         if done % t.save_every_steps == 0 or done == t.max_steps:
             _save(model, tokenizer, optimizer, scheduler, ckpt_root, done, curve, rank, world,
-                  layout=layout, engine=engine, keep_last=t.keep_last)
+                  layout=layout, engine=engine, keep_last=t.keep_last, real_vocab=real_vocab)
+
+
+class Throughput:
+    """Tokens/s, achieved TFLOP/s per device and MFU over a logging window, for the global batch.
+
+    Every rank counts the whole optimizer step (all ranks' rows), so the numbers are global and
+    equal on every rank. Tokens are real (non-padding) tokens; FLOPs follow
+    :func:`steps.efficiency.training_flops` (each packed document at its own length), with the
+    matmul parameters of the model at its real vocabulary size. MFU is ``None`` on devices
+    without a known bf16 peak (CPU).
+    """
+
+    def __init__(self, model, real_vocab: int, device: torch.device, world: int):
+        self.config, self.world = model.config, world
+        padded_rows = model.get_input_embeddings().weight.shape[0] - real_vocab
+        self.num_matmul_params = efficiency.count_matmul_params(model) - padded_rows * model.config.hidden_size
+        self.device_name = efficiency.device_name(device)
+        self._tokens, self._flops, self._start = 0, 0.0, time.perf_counter()
+
+    def add_step(self, rows: list[dict], real_tokens: torch.Tensor) -> None:
+        self._tokens += int(real_tokens.sum())
+        if "position_ids" in rows[0]:
+            lengths = [n for row in rows for n in efficiency.document_lengths(row["position_ids"])]
+        else:
+            lengths = [len(row["input_ids"]) for row in rows]
+        self._flops += efficiency.training_flops(self.config, self.num_matmul_params, lengths)
+
+    def window(self) -> dict:
+        """The rates since the last call (or since start), and a new window."""
+        elapsed = max(time.perf_counter() - self._start, 1e-9)
+        tokens_per_s = self._tokens / elapsed
+        flops_per_s = self._flops / elapsed / self.world
+        peak = efficiency.peak_flops(self.device_name)
+        self._tokens, self._flops, self._start = 0, 0.0, time.perf_counter()
+        return {"tokens_per_s": tokens_per_s, "tflops_per_device": flops_per_s / 1e12,
+                "mfu": None if peak is None else flops_per_s / peak}
 
 
 def _save(model, tokenizer, optimizer, scheduler, root: Path, step: int, curve: list, rank: int,
-          world: int, *, layout: str, engine, keep_last: int) -> None:
+          world: int, *, layout: str, engine, keep_last: int, real_vocab: int) -> None:
     """Write one checkpoint: every rank takes part, rank 0 publishes it when all are done.
 
     Rank 0 writes the weights (full safetensors, gathered from the shards under FSDP2 and
@@ -541,7 +607,7 @@ def _save(model, tokenizer, optimizer, scheduler, root: Path, step: int, curve: 
         names = [str(tmp) if tmp else None]
         dist.broadcast_object_list(names, src=0)
         tmp = Path(names[0])
-    checkpoint.save_weights(model, tmp, is_writer=rank == 0, layout=layout)
+    checkpoint.save_weights(model, tmp, is_writer=rank == 0, layout=layout, real_vocab=real_vocab)
     if engine is not None:
         checkpoint.save_deepspeed(engine, tmp)
     else:
