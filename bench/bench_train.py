@@ -53,7 +53,10 @@ def prepare(work: Path, num_conversations: int):
     return model_dir, stats["train"]["uris"]
 
 
-def bench_posttrain(work: Path, model_dir: Path, uris: list[str], steps: int, rows: int, threads: int) -> float:
+def bench_posttrain(work: Path, model_dir: Path, uris: list[str], steps: int, rows: int, threads: int,
+                    trained_positions_ce: bool = False) -> float:
+    """Our trainer; ``trained_positions_ce`` projects only the trained positions onto the
+    vocabulary (``train.chunked_ce: on`` with one chunk per micro-batch) instead of all of them."""
     from steps import checkpoint, train
     from steps.config import recipe_from_dict, recipe_to_dict
     from steps.models import load_tokenizer
@@ -63,13 +66,15 @@ def bench_posttrain(work: Path, model_dir: Path, uris: list[str], steps: int, ro
     recipe = recipe_from_dict({"seed": 0, "tokenize": {"max_seq_tokens": ROW_TOKENS}, "train": {
         "micro_batch_tokens": batch_tokens, "global_batch_tokens": batch_tokens, "max_steps": steps,
         "warmup_steps": WARMUP_STEPS, "lr": LR, "save_every_steps": steps, "log_every_steps": steps,
-        "num_threads": threads, "dtype": "float32"}})
+        "num_threads": threads, "dtype": "float32",
+        "chunked_ce": "on" if trained_positions_ce else "off", "ce_chunk_tokens": batch_tokens}})
+    name = "posttrain-trained-ce" if trained_positions_ce else "posttrain"
     spec = train.TrainSpec(recipe=recipe_to_dict(recipe), base_model=str(model_dir), token_uris=uris,
-                           checkpoint_root=str(work / "posttrain-ckpt"), resume_roots=[],
+                           checkpoint_root=str(work / f"{name}-ckpt"), resume_roots=[],
                            pad_id=load_tokenizer(model_dir).pad_token_id)
-    spec.write(work / "posttrain-spec.json")
-    train.main(str(work / "posttrain-spec.json"))
-    return checkpoint.read_state(checkpoint.list_checkpoints(work / "posttrain-ckpt")[-1])["train_curve"][-1]["tokens_per_s"]
+    spec.write(work / f"{name}-spec.json")
+    train.main(str(work / f"{name}-spec.json"))
+    return checkpoint.read_state(checkpoint.list_checkpoints(work / f"{name}-ckpt")[-1])["train_curve"][-1]["tokens_per_s"]
 
 
 class _Timer:
@@ -165,7 +170,7 @@ def main() -> None:
     parser.add_argument("--rows-per-step", type=int, default=8, help="packed rows of 256 tokens per step")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--num-conversations", type=int, default=2000)
-    parser.add_argument("--contenders", default="posttrain,hf-trainer,trl-sft")
+    parser.add_argument("--contenders", default="posttrain,posttrain-trained-ce,hf-trainer,trl-sft")
     args = parser.parse_args()
 
     import torch
@@ -178,6 +183,9 @@ def main() -> None:
         for name in args.contenders.split(","):
             if name == "posttrain":
                 results[name] = bench_posttrain(work, model_dir, uris, args.steps, args.rows_per_step, args.threads)
+            elif name == "posttrain-trained-ce":
+                results[name] = bench_posttrain(work, model_dir, uris, args.steps, args.rows_per_step, args.threads,
+                                                trained_positions_ce=True)
             elif name == "hf-trainer":
                 results[name] = bench_hf_trainer(work, model_dir, uris, args.steps, args.rows_per_step)
             elif name == "trl-sft":
@@ -186,11 +194,11 @@ def main() -> None:
                 raise SystemExit(f"unknown contender {name!r}")
     print(f"\n{args.steps} steps x {args.rows_per_step} rows x {ROW_TOKENS} tokens, fp32, CPU, "
           f"{args.threads} threads, torch {torch.__version__}")
-    print(f"| {'trainer':<12} | {'tokens/s':>10} | {'vs posttrain':>12} |\n|---|---:|---:|")
+    print(f"| {'trainer':<20} | {'tokens/s':>10} | {'vs posttrain':>12} |\n|---|---:|---:|")
     base = results.get("posttrain")
     for name, rate in results.items():
         ratio = f"{rate / base:.2f}x" if base else "-"
-        print(f"| {name:<12} | {rate:>10,.0f} | {ratio:>12} |")
+        print(f"| {name:<20} | {rate:>10,.0f} | {ratio:>12} |")
 
 
 if __name__ == "__main__":

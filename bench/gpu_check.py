@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from steps.efficiency import count_matmul_params, device_name, flops_per_token, mfu, pad_vocab  # noqa: E402
+from steps.efficiency import count_matmul_params, device_name, document_lengths, mfu, pad_vocab, training_flops  # noqa: E402
 from steps.losses import CausalLMLoss  # noqa: E402
 
 # ~0.5B parameters: 20 layers of 1280 (GQA 20 heads / 4 KV heads), a Llama-3-sized vocabulary
@@ -45,8 +45,8 @@ def packed_batch(rows: int, row_tokens: int, vocab: int, seed: int, device) -> d
     return {k: v.to(device) for k, v in dict(input_ids=input_ids, position_ids=position_ids, labels=labels).items()}
 
 
-def run(config_kwargs: dict, *, chunked: bool, steps: int, rows: int, row_tokens: int, attn: str,
-        device: torch.device, pad_multiple: int) -> dict:
+def run(config_kwargs: dict, *, chunked: bool, compiled: bool, steps: int, rows: int, row_tokens: int, attn: str,
+        device: torch.device, pad_multiple: int, profile: bool = False) -> dict:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -60,11 +60,18 @@ def run(config_kwargs: dict, *, chunked: bool, steps: int, rows: int, row_tokens
     bf16 = device.type == "cuda"
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     for layer in model.model.layers:
+        if compiled:  # per decoder layer, before sharding (as torchtitan does)
+            layer.compile()
         fully_shard(layer, mp_policy=policy)
     fully_shard(wrapped, mp_policy=policy)
     optimizer = torch.optim.AdamW(wrapped.parameters(), lr=1e-4, fused=bf16)
     batch = packed_batch(rows, row_tokens, real_vocab, 0, device)
     num_targets = int((batch["labels"][:, 1:] != -100).sum())
+    # Model FLOPs of one step: every packed document at its own length (attention never
+    # crosses documents), the LM head at the real vocabulary size.
+    n_real = n_matmul - (model.get_input_embeddings().weight.shape[0] - real_vocab) * config.hidden_size
+    step_flops = training_flops(config, n_real, [n for row in batch["position_ids"].tolist()
+                                                 for n in document_lengths(row)])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     timed_tokens, timed_s, losses = 0, 0.0, []
@@ -82,10 +89,23 @@ def run(config_kwargs: dict, *, chunked: bool, steps: int, rows: int, row_tokens
         if step >= 5:  # warm-up excluded
             timed_tokens += rows * row_tokens
             timed_s += elapsed
+    if profile and device.type == "cuda":  # where the time of a step goes, by kernel
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as profiler
+
+        with profiler(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                (wrapped(**batch) / num_targets).backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            torch.cuda.synchronize(device)
+        if dist.get_rank() == 0:
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70))
     tokens_per_s = timed_tokens / max(timed_s, 1e-9)
-    fpt = flops_per_token(config, n_matmul, row_tokens)
+    fpt = step_flops / (rows * row_tokens)
     return {
         "chunked_ce": chunked,
+        "compiled": compiled,
         "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
         "tokens_per_s": tokens_per_s,
         "mfu": mfu(tokens_per_s, fpt, device_name(device)),
@@ -102,6 +122,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=4)
     parser.add_argument("--row-tokens", type=int, default=4096)
     parser.add_argument("--attn", default=None, help="attention kernel; default: flex_attention on GPU")
+    parser.add_argument("--compile", action="store_true", help="also run with torch.compile per decoder layer")
+    parser.add_argument("--only-compiled", action="store_true", help="run only the torch.compile variants")
+    parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of the first variant")
     args = parser.parse_args()
     smoke = args.smoke or not torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if not smoke else torch.device("cpu")
@@ -114,25 +137,31 @@ def main() -> None:
     # FlexAttention keeps document isolation with a block-sparse kernel.
     attn = args.attn or ("sdpa" if smoke else "flex_attention")
     results = []
-    for chunked in (False, True):
+    variants = [(False, False), (True, False)] + ([(True, True), (False, True)] if args.compile else [])
+    if args.only_compiled:
+        variants = [(False, True), (True, True)]
+    for chunked, compiled in variants:
         try:
-            results.append(run(config, chunked=chunked, steps=steps, rows=rows, row_tokens=row_tokens,
-                               attn=attn, device=device, pad_multiple=64))
-        except Exception as err:  # report, and still print the other configuration
-            results.append({"chunked_ce": chunked, "error": f"{type(err).__name__}: {err}"[:200]})
+            results.append(run(config, chunked=chunked, compiled=compiled, steps=steps, rows=rows,
+                               row_tokens=row_tokens, attn=attn, device=device, pad_multiple=64,
+                               profile=args.profile and (chunked, compiled) == variants[0]))
+        except Exception as err:  # report, and still print the other configurations
+            results.append({"chunked_ce": chunked, "compiled": compiled, "error": f"{type(err).__name__}: {err}"[:300]})
+        if dist.get_rank() == 0:
+            print(results[-1], flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if dist.get_rank() == 0:
         print(f"device: {device_name(device)}  attention: {attn}  rows x tokens: {rows} x {row_tokens}  "
               f"steps: {steps} (first 5 untimed)  torch {torch.__version__}")
-        print(f"| chunked CE | params (M) | tokens/s | MFU | peak memory (GiB) | loss first -> last |")
-        print(f"| --- | --- | --- | --- | --- | --- |")
+        print("| chunked CE | torch.compile | params (M) | tokens/s | MFU | peak memory (GiB) | loss first -> last |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
         for r in results:
             if "error" in r:
-                print(f"| {r['chunked_ce']} | error: {r['error']} | | | | |")
+                print(f"| {r['chunked_ce']} | {r['compiled']} | error: {r['error']} | | | | |")
                 continue
             mfu_text = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-            print(f"| {r['chunked_ce']} | {r['params_M']:.0f} | {r['tokens_per_s']:,.0f} | {mfu_text} | "
+            print(f"| {r['chunked_ce']} | {r['compiled']} | {r['params_M']:.0f} | {r['tokens_per_s']:,.0f} | {mfu_text} | "
                   f"{r['peak_mem_GiB']:.1f} | {r['loss_first']:.3f} -> {r['loss_last']:.3f} |")
     dist.destroy_process_group()
 

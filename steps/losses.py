@@ -58,6 +58,9 @@ def chunked_token_loss_sum(hidden: torch.Tensor, head_weight: torch.Tensor, labe
     peak memory holds ``chunk_tokens x vocab`` logits instead of ``tokens x vocab``. With a
     128k vocabulary and 16k tokens per micro-batch that is 0.5 GB instead of 8 GB in fp32.
 
+    When all trained positions fit in one chunk, that chunk is not recomputed: the function
+    is then just the plain loss restricted to the trained positions.
+
     ``real_vocab``: with a padded vocabulary, the padding columns get -inf logits.
     """
     from torch.utils.checkpoint import checkpoint
@@ -66,6 +69,10 @@ def chunked_token_loss_sum(hidden: torch.Tensor, head_weight: torch.Tensor, labe
     keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
     states = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, keep)
     targets = targets.index_select(0, keep)
+    if targets.numel() <= chunk_tokens:
+        # One chunk: nothing to save by recomputing it in backward; project the trained
+        # positions only (still fewer logits than the plain loss whenever prompts are masked).
+        return _chunk_loss_sum(states, head_weight, targets, real_vocab)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, targets.numel(), chunk_tokens):
         end = start + chunk_tokens

@@ -451,6 +451,10 @@ def _train(spec: TrainSpec, recipe: Recipe, rank: int, world: int, device: torch
     loss_module = objective.module(model, real_vocab=real_vocab, chunk_tokens=t.ce_chunk_tokens if chunked else None)
     tokenizer = load_tokenizer(spec.base_model, recipe.model.trust_remote_code)
     layout = _state_layout(t.strategy, world)
+    if t.compile:  # per decoder layer, before sharding: one graph reused by every layer
+        for module in model.modules():
+            if type(module).__name__.endswith("DecoderLayer"):
+                module.compile()
     train_model = _wrap(loss_module, t.strategy, world, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
