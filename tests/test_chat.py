@@ -7,6 +7,8 @@ a word-level one (one token per word: exact label lists stay readable) and a byt
 
 from __future__ import annotations
 
+import functools
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -632,3 +634,121 @@ def test_marker_shortcut_turns_itself_off_when_markers_leave_out_the_end_of_turn
         assert shortcut.enabled is enabled
         assert trained_runs(tokenizer, tokenize_conversation(tokenizer, TWO_TURNS)) == ["Fine.<|im_end|>"]
         assert rendered.text.endswith("Fine.<|im_end|>\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Template skeletons: Jinja runs once per conversation shape, not once per render
+
+# Templates that only print each content (the skeletons apply to them); the others read it.
+PRINT_ONLY = [CHATML, CHATML_WITH_MARKERS, CHATML_DEFAULT_SYSTEM, CHATML_WIDER_GENERATION_PROMPT,
+              CHATML_NO_GENERATION_PROMPT, CHATML_THINK_ON_LAST, CHATML_ALTERNATING, CHATML_LAST_SYSTEM_ONLY,
+              PLAIN_NO_END_OF_TURN]
+# Contents that a substitution could get wrong: template syntax, placeholder characters, blanks.
+ODD_CONTENTS = [
+    [{"role": "system", "content": " {{ messages }} {% if x %}"}, user("\ue0000\ue001 \\n"), assistant("  Hi  "),
+     user(""), assistant("\n<|im_end|>\n")],
+    [user("assistant"), assistant("assistant"), user("Hi"), assistant("Hello!", train=False)],
+]
+
+
+def test_templates_that_read_the_content_are_told_apart():
+    from steps.chat import content_opaque_violation
+
+    assert [content_opaque_violation(template) for template in PRINT_ONLY] == [None] * len(PRINT_ONLY)
+    assert content_opaque_violation(LLAMA3) == "'content' is used by Filter, not only printed"
+    assert content_opaque_violation(GEMMA) == "'content' is used by Assign, not only printed"
+    assert content_opaque_violation(MISTRAL) == "'content' is used by Assign, not only printed"
+    assert {template: content_opaque_violation(template) for template in [
+        "{{ messages | tojson }}",
+        "{% for m in messages %}{{ m }}{% endfor %}",
+        "{% for m in messages %}{% if m == messages[0] %}same{% endif %}{% endfor %}",
+        "{% for m in messages %}{{ m.items() }}{% endfor %}",
+        "{% for m in messages %}{{ m.get('content') }}{% endfor %}",
+        "{% if '<think>' in messages[-1]['content'] %}think{% endif %}",
+        "{% for m in messages %}{{ loop.nextitem }}{% endfor %}",
+        "{% macro show(x) %}{{ x }}{% endmacro %}{{ show(messages[0]['content']) }}",
+        "{% for m in messages %}{% for key in m %}{{ m[key] | trim }}{% endfor %}{% endfor %}",
+        "{{ messages[0]['content'] if messages else '' }}",
+        "{{ strftime_now('%d %b %Y') }}",
+    ]} == {
+        "{{ messages | tojson }}": "filter 'tojson' is not analysed",
+        "{% for m in messages %}{{ m }}{% endfor %}": "a message (or list of them) may reach Output",
+        "{% for m in messages %}{% if m == messages[0] %}same{% endif %}{% endfor %}":
+            "a message (or list of them) may reach Compare",
+        "{% for m in messages %}{{ m.items() }}{% endfor %}": "method 'items' is not analysed",
+        "{% for m in messages %}{{ m.get('content') }}{% endfor %}": "'content' is named by Call",
+        "{% if '<think>' in messages[-1]['content'] %}think{% endif %}":
+            "'content' is used by Operand, not only printed",
+        "{% for m in messages %}{{ loop.nextitem }}{% endfor %}": "a message (or list of them) may reach Output",
+        "{% macro show(x) %}{{ x }}{% endmacro %}{{ show(messages[0]['content']) }}": "Macro is not analysed",
+        "{% for m in messages %}{% for key in m %}{{ m[key] | trim }}{% endfor %}{% endfor %}":
+            "a message (or list of them) may reach Filter",
+        "{{ messages[0]['content'] if messages else '' }}": "'content' is used by CondExpr, not only printed",
+        "{{ strftime_now('%d %b %Y') }}": "function 'strftime_now' is not analysed",
+    }
+
+
+@pytest.mark.parametrize("template", PRINT_ONLY)
+def test_skeleton_renders_equal_the_templates_own(template, monkeypatch):
+    import steps.chat
+    from steps.chat import ChatTemplateError, _render, _render_with_markers, _TemplateSkeletons
+
+    monkeypatch.setattr(steps.chat._TemplateSkeletons, "NUM_VERIFIED", 0)  # only a shape's first render is checked
+    tokenizer = byte_tokenizer(template)
+    skeletons = _TemplateSkeletons(tokenizer)
+    assert skeletons.enabled
+    for _ in range(2):  # the second time every shape is known
+        for messages in CONVERSATIONS + ODD_CONTENTS:
+            chat = [{"role": m["role"], "content": m["content"]} for m in messages]
+            for num_messages in range(1, len(chat) + 1):
+                for add_generation_prompt in (False, True):
+                    outcomes = []
+                    for render in (skeletons.render, functools.partial(_render, tokenizer)):
+                        try:
+                            outcomes.append(render(chat[:num_messages], add_generation_prompt))
+                        except ChatTemplateError as error:
+                            outcomes.append((str(error), error.reason))
+                    assert outcomes[0] == outcomes[1]
+            if template == CHATML_WITH_MARKERS:
+                assert skeletons.render_marked(messages) == _render_with_markers(tokenizer, template, chat)
+    assert skeletons.enabled
+
+
+def test_tokenize_dataset_renders_each_shape_once_and_gives_the_same_rows(tmp_path, monkeypatch):
+    import steps.chat
+
+    renders = []
+    original = steps.chat._render
+    monkeypatch.setattr(steps.chat, "_render", lambda *args, **kwargs: renders.append(1) or original(*args, **kwargs))
+    monkeypatch.setattr(steps.chat._TemplateSkeletons, "NUM_VERIFIED", 0)
+    tokenizer = byte_tokenizer(CHATML)
+    once = _write_data_shard(tmp_path / "once.parquet", CONVERSATIONS)
+    four_times = _write_data_shard(tmp_path / "four.parquet", CONVERSATIONS * 4)
+    tokenize_dataset(tokenizer, [once], tmp_path / "once", max_seq_tokens=256, truncation="drop")
+    num_renders_once = len(renders)
+    fast = tokenize_dataset(tokenizer, [four_times], tmp_path / "fast", max_seq_tokens=256, truncation="drop")
+    # The content search needs 10 different renders (conversation A: the whole and one generation prompt; B, C:
+    # the whole, one earlier turn and two generation prompts); each shape is rendered with placeholders, then
+    # checked against Jinja once: the same 20 renders for 12 conversations as for 3.
+    assert (num_renders_once, len(renders) - num_renders_once) == (2 * 10, 2 * 10)
+    monkeypatch.setattr(steps.chat, "content_opaque_violation", lambda template: "turned off by the test")
+    slow = tokenize_dataset(tokenizer, [four_times], tmp_path / "slow", max_seq_tokens=256, truncation="drop")
+    assert len(renders) - 2 * num_renders_once == 4 * 10  # without skeletons, every render of every conversation
+    assert {k: v for k, v in fast.items() if k != "uris"} == {k: v for k, v in slow.items() if k != "uris"}
+    assert pq.read_table(fast["uris"][0]).to_pylist() == pq.read_table(slow["uris"][0]).to_pylist()
+
+
+def test_skeletons_turn_themselves_off_when_the_template_reads_the_content(monkeypatch):
+    import steps.chat
+    from steps.chat import _render, _TemplateSkeletons
+
+    # As if the analysis had missed LLAMA3's `| trim`: the check against Jinja's own rendering catches it.
+    monkeypatch.setattr(steps.chat, "content_opaque_violation", lambda template: None)
+    tokenizer = byte_tokenizer(LLAMA3, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+    skeletons = _TemplateSkeletons(tokenizer)
+    assert skeletons.enabled
+    chat = [{"role": "user", "content": "  Hi  "}, {"role": "assistant", "content": "Hello!"}]
+    assert skeletons.render(chat, False) == _render(tokenizer, chat) == (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|>")
+    assert not skeletons.enabled

@@ -118,6 +118,33 @@ def test_pack_rows_concatenates_and_restarts_positions():
         pack_row([([1, 2], [-100])])
 
 
+def test_pack_bins_lays_out_every_row_of_a_shard_at_once():
+    import numpy as np
+
+    from steps.packing import pack_bins, restarting_positions
+
+    ids = [np.array([1, 2, 3]), np.array([4, 5]), np.array([6, 7, 8, 9]), np.array([10])]
+    trained = [np.array([False, True, True]), np.array([False, True]), np.array([False, False, True, True]),
+               np.array([True])]
+    flat, row_lengths = pack_bins([[2, 1], [0], [3]], {"input_ids": ids, "trained": trained})
+    assert {name: values.tolist() for name, values in flat.items()} == {
+        "input_ids": [6, 7, 8, 9, 4, 5, 1, 2, 3, 10],
+        "trained": [0, 0, 1, 1, 0, 1, 0, 1, 1, 1],
+        "position_ids": [0, 1, 2, 3, 0, 1, 0, 1, 2, 0],
+    }
+    assert row_lengths.tolist() == [6, 3, 1]
+    assert flat["input_ids"].dtype == flat["position_ids"].dtype == np.int32
+    # Rows cut from the flat arrays are the rows pack_row builds one by one.
+    offsets = np.concatenate([[0], np.cumsum(row_lengths)])
+    assert [flat["input_ids"][offsets[r]:offsets[r + 1]].tolist() for r in range(3)] == [
+        pack_row([(ids[i], ids[i]) for i in indices])["input_ids"].tolist() for indices in ([2, 1], [0], [3])]
+    assert restarting_positions([]).tolist() == []
+    empty, no_rows = pack_bins([], {"input_ids": ids})
+    assert (empty["input_ids"].tolist(), empty["position_ids"].tolist(), no_rows.tolist()) == ([], [], [])
+    with pytest.raises(ValueError, match="document 1: its labels has 1 values, not 2"):
+        pack_bins([[1]], {"input_ids": ids, "labels": [np.array([0, 0, 0]), np.array([0])]})
+
+
 def test_collate_rows_pads_as_a_document_of_its_own():
     rows = [
         {"input_ids": [6, 7, 8, 9, 4], "labels": [-100, 7, 8, -100, -100], "position_ids": [0, 1, 2, 0, 1]},

@@ -86,6 +86,23 @@ def test_lora_run_resumes_past_a_one_time_failure_to_the_same_adapter(tmp_path, 
     assert [r["loss"] for r in _curve(tmp_path / "full")] == [r["loss"] for r in _curve(tmp_path / "resumed")]
 
 
+@pytest.mark.slow
+def test_lora_under_fsdp2_on_two_ranks_equals_lora_on_one(tmp_path, builtin_model_dir, token_uris):
+    # FSDP2 units then mix frozen base weights and trained adapters.
+    lora = {"rank": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+    train.main(str(_spec(_lean(tmp_path, finetune="lora", lora=lora), builtin_model_dir, token_uris,
+                         tmp_path / "one")))
+    _launch(_spec(_lean(tmp_path, finetune="lora", lora=lora, strategy="fsdp2"), builtin_model_dir, token_uris,
+                  tmp_path / "fsdp"), 2)
+    for a, b in zip(_curve(tmp_path / "one"), _curve(tmp_path / "fsdp"), strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5
+    one, fsdp = (checkpoint.list_checkpoints(tmp_path / name)[-1] for name in ("one", "fsdp"))
+    assert checkpoint.is_adapter(fsdp) and not (fsdp / "model.safetensors").exists()
+    assert sorted(p.name for p in (fsdp / "optimizer").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert _max_diff(load_file(str(one / "adapter_model.safetensors")),
+                     load_file(str(fsdp / "adapter_model.safetensors"))) <= 1e-5
+
+
 def test_fsdp2_equals_ddp_on_two_ranks_and_resumes_exactly(tmp_path, builtin_model_dir, token_uris):
     ddp = _spec(_lean(tmp_path), builtin_model_dir, token_uris, tmp_path / "ddp")
     fsdp = _spec(_lean(tmp_path, strategy="fsdp2"), builtin_model_dir, token_uris, tmp_path / "fsdp")
