@@ -296,10 +296,13 @@ def _merge_into(target: dict, new: Mapping[str, Any], *, source: str) -> None:
 # One model, and the choice among checkpoints
 # ---------------------------------------------------------------------------------------------
 
-def evaluate_model(model_dir: str | Path, *, token_uris: list[str], data_uris: list[str], recipe) -> dict:
+def evaluate_model(model_dir: str | Path, *, token_uris: list[str], data_uris: list[str], recipe,
+                   heldout: Callable[..., dict] = heldout_loss) -> dict:
     """Load a model folder (safetensors, fp32, CPU, eval mode) and return all its metrics, flat.
 
     Rows are batched as in training: ``train.micro_batch_tokens // tokenize.max_seq_tokens``.
+    ``heldout(model, token_uris, row_tokens=, pad_id=, batch_rows=)`` scores the eval token
+    shards: :func:`heldout_loss` for SFT, ``steps.dpo.preference_metrics`` for preference pairs.
     Thread counts are left to the caller.
     """
     from steps.models import load_model, load_tokenizer
@@ -314,7 +317,7 @@ def evaluate_model(model_dir: str | Path, *, token_uris: list[str], data_uris: l
     if pad_id is None:
         pad_id = _eos_token_ids(model, tokenizer)[0]
     row_tokens = recipe.tokenize.max_seq_tokens
-    metrics = heldout_loss(
+    metrics = heldout(
         model, token_uris, row_tokens=row_tokens, pad_id=pad_id,
         batch_rows=max(1, recipe.train.micro_batch_tokens // row_tokens),
     )
@@ -397,6 +400,7 @@ def evaluate_target(
     run_root: str,
     *,
     num_parallel_tasks: int = 1,
+    heldout: Callable[..., dict] = heldout_loss,
 ) -> dict:
     """Score one target of ``eval_targets`` and write ``<run_root>/eval/<checkpoint>.json``.
 
@@ -411,6 +415,7 @@ def evaluate_target(
         token_uris=token_stats["eval"]["uris"],
         data_uris=dataset_manifest["splits"]["eval"]["uris"],
         recipe=recipe,
+        heldout=heldout,
     )
     row = {"checkpoint": target["checkpoint"], "path": target["path"], **metrics}
     out_path = storage.subdir(run_root, "eval") / f"{target['checkpoint']}.json"

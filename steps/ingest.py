@@ -16,7 +16,7 @@ stays on its side when data is appended::
 
 Sources (``data.sources``, each a URI with an optional ``weight``): ``builtin:catalog``; JSONL
 (optionally ``.gz``) on a local path or ``s3://``; a Parquet file, or a folder / ``s3://``
-prefix of Parquet files; a local folder written by ``datasets``' ``save_to_disk``.
+prefix of Parquet files; a folder or ``s3://`` prefix written by ``datasets``' ``save_to_disk``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import json
 import math
 import tempfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -219,9 +219,15 @@ def _read_parquet(uri: str) -> Iterator[RawRecord]:
                     row += 1
 
 
+_DATASETS_MARKERS = ("state.json", "dataset_dict.json")  # what save_to_disk writes for a Dataset / DatasetDict
+
+
 def _is_datasets_folder(uri: str) -> bool:
+    """Was ``uri`` (a local folder or an ``s3://`` prefix) written by ``datasets``' ``save_to_disk``?"""
+    if storage.is_s3(uri):
+        return any(storage.exists(storage.join(uri, name)) for name in _DATASETS_MARKERS)
     folder = Path(uri)
-    return folder.is_dir() and any((folder / name).exists() for name in ("state.json", "dataset_dict.json"))
+    return folder.is_dir() and any((folder / name).exists() for name in _DATASETS_MARKERS)
 
 
 def _read_datasets_folder(uri: str) -> Iterator[RawRecord]:
@@ -231,6 +237,9 @@ def _read_datasets_folder(uri: str) -> Iterator[RawRecord]:
     """
     import datasets
 
+    if storage.is_s3(uri):
+        yield from _read_s3_datasets_folder(uri)
+        return
     loaded = datasets.load_from_disk(uri)
     parts = [loaded[name] for name in sorted(loaded)] if isinstance(loaded, datasets.DatasetDict) else [loaded]
     row = 0
@@ -238,6 +247,32 @@ def _read_datasets_folder(uri: str) -> Iterator[RawRecord]:
         for record in part:
             yield RawRecord(uri, row, record)
             row += 1
+
+
+def _read_s3_datasets_folder(uri: str) -> Iterator[RawRecord]:
+    """:func:`_read_datasets_folder` of an ``s3://`` prefix, one Arrow file on local disk at a time.
+
+    The same rows in the same order as the folder read locally: splits sorted by name
+    (``dataset_dict.json``), each split's files in the order of its ``state.json``, each file
+    read with the features ``datasets`` stored in it. A file is downloaded to a temporary
+    folder, memory-mapped while its rows are read, and deleted before the next one comes.
+    """
+    import datasets
+
+    if storage.exists(storage.join(uri, "dataset_dict.json")):
+        splits = json.loads(storage.read_bytes(storage.join(uri, "dataset_dict.json")))["splits"]
+        parts = [storage.join(uri, split) for split in sorted(splits)]
+    else:
+        parts = [uri]
+    row = 0
+    for part in parts:
+        state = json.loads(storage.read_bytes(storage.join(part, "state.json")))
+        for data_file in state["_data_files"]:
+            with tempfile.TemporaryDirectory(prefix="posttrain-ingest-") as scratch:
+                local = storage.download_file(storage.join(part, data_file["filename"]), Path(scratch) / "data.arrow")
+                for record in datasets.Dataset.from_file(str(local)):
+                    yield RawRecord(uri, row, record)
+                    row += 1
 
 
 def read_source(uri: str, recipe: Recipe) -> Iterator[RawRecord]:
@@ -250,7 +285,7 @@ def read_source(uri: str, recipe: Recipe) -> Iterator[RawRecord]:
             yield RawRecord(uri, row, record)
     elif uri.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz")):
         yield from _read_jsonl(uri, recipe.data.max_record_bytes)
-    elif not storage.is_s3(uri) and _is_datasets_folder(uri):
+    elif _is_datasets_folder(uri):
         yield from _read_datasets_folder(uri)
     elif uri.endswith(".parquet") or storage.is_s3(uri) or Path(uri).is_dir():
         yield from _read_parquet(uri)
@@ -272,11 +307,31 @@ def num_copies(record_id: str, weight: float) -> int:
     return whole + (1 if share < weight - whole else 0)
 
 
+@dataclass(frozen=True, slots=True)
+class RecordFormat:
+    """What a data row is: ingest reads, rejects, dedupes, splits and shards any format alike.
+
+    The default, :data:`CONVERSATIONS`, is SFT's ``messages``; ``steps.dpo.PAIRS`` is a
+    preference pair (``prompt``, ``chosen``, ``rejected``).
+    """
+
+    schema: pa.Schema
+    """Columns of the data shards: ``id``, ``meta`` and ``source`` plus the content columns."""
+    normalize: Callable[[object], dict]
+    """A raw record -> its content columns (e.g. ``{"messages": [...]}``); raises ``InvalidRecord``."""
+    record_id: Callable[[dict], str]
+    """The content columns -> the id that dedupes and decides the split."""
+
+
+CONVERSATIONS = RecordFormat(schema=DATA_SCHEMA, normalize=lambda record: {"messages": normalize_record(record)},
+                             record_id=lambda content: conversation_id(content["messages"]))
+
+
 class _ShardWriter:
     """Writes rows to ``part-NNNNN.parquet`` files of at most ``rows_per_shard`` rows."""
 
-    def __init__(self, folder: Path, rows_per_shard: int):
-        self.folder, self.rows_per_shard = folder, rows_per_shard
+    def __init__(self, folder: Path, rows_per_shard: int, schema: pa.Schema = DATA_SCHEMA):
+        self.folder, self.rows_per_shard, self.schema = folder, rows_per_shard, schema
         self.buffer: list[dict] = []
         self.uris: list[str] = []
         self.num_rows = 0
@@ -290,7 +345,7 @@ class _ShardWriter:
         if not self.buffer and self.uris:
             return
         path = self.folder / f"part-{len(self.uris):05d}.parquet"
-        pq.write_table(pa.Table.from_pylist(self.buffer, schema=DATA_SCHEMA), path)
+        pq.write_table(pa.Table.from_pylist(self.buffer, schema=self.schema), path)
         self.uris.append(str(path))
         self.num_rows += len(self.buffer)
         self.buffer = []
@@ -315,10 +370,11 @@ class _Fingerprint:
         return hashlib.sha256(f"{self.count}:{self._sum:064x}".encode()).hexdigest()
 
 
-def ingest(recipe: Recipe, run_root: str) -> dict:
+def ingest(recipe: Recipe, run_root: str, record_format: RecordFormat = CONVERSATIONS) -> dict:
     """Read every source, validate, dedupe, weight, split, and write shards; return the manifest.
 
     Writes ``data/{train,eval}/part-NNNNN.parquet`` and ``data/rejects.jsonl`` under ``run_root``.
+    ``record_format`` says what a row is (SFT conversations by default; see :class:`RecordFormat`).
     Sources are streamed (JSONL line by line, Parquet and ``datasets`` folders in batches), so
     memory is one shard of rows per split plus the set of seen ids used for dedup: 64-character
     hex ids, about 130 bytes each in a Python set, so 1M conversations take ~130 MB. A
@@ -338,7 +394,8 @@ def ingest(recipe: Recipe, run_root: str) -> dict:
         ``num_rejected``, ``reject_reasons``, ``rejects_uri``, ``fingerprint``.
     """
     data_dir = subdir(run_root, "data")
-    writers = {s: _ShardWriter(subdir(run_root, "data", s), recipe.data.records_per_shard) for s in SPLITS}
+    writers = {s: _ShardWriter(subdir(run_root, "data", s), recipe.data.records_per_shard, record_format.schema)
+               for s in SPLITS}
     seen: set[str] = set()
     fingerprints = {s: _Fingerprint() for s in SPLITS}
     reasons: Counter[str] = Counter()
@@ -358,13 +415,13 @@ def ingest(recipe: Recipe, run_root: str) -> dict:
                     size = len(json.dumps(raw.value, ensure_ascii=False, default=str).encode("utf-8"))
                     if size > recipe.data.max_record_bytes:
                         raise InvalidRecord("oversize", f"{size} bytes > {recipe.data.max_record_bytes}")
-                    messages = normalize_record(raw.value)
+                    content = record_format.normalize(raw.value)
                 except InvalidRecord as err:
                     reasons[err.reason] += 1
                     rejects.write(json.dumps({"source": raw.source, "position": raw.position,
                                               "reason": err.reason, "detail": str(err)}) + "\n")
                     continue
-                record_id = conversation_id(messages)
+                record_id = record_format.record_id(content)
                 if record_id in seen:
                     num_duplicates += 1
                     continue
@@ -377,7 +434,7 @@ def ingest(recipe: Recipe, run_root: str) -> dict:
                 if split == "eval":
                     copies = 1  # eval measures each conversation once
                 num_weighted_copies += copies - 1
-                row = {"id": record_id, "messages": messages, "source": raw.source,
+                row = {"id": record_id, **content, "source": raw.source,
                        "meta": json.dumps(raw.value.get("meta") or {}, ensure_ascii=False, sort_keys=True,
                                           default=str)}
                 for _ in range(copies):

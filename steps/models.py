@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 BUILTIN_PREFIX = "builtin:"
+REGISTRY_PREFIX = "registry:"
 
 
 def resolve_base_model(base: str, storage_root: str | Path) -> Path | str:
@@ -19,6 +20,30 @@ def resolve_base_model(base: str, storage_root: str | Path) -> Path | str:
         return ensure_builtin_model(base[len(BUILTIN_PREFIX):], Path(storage_root))
     path = Path(base).expanduser()
     return path if path.exists() else base
+
+
+def resolve_model_ref(spec: str, recipe, dest: str | Path) -> tuple[str, dict | None]:
+    """A model reference of a recipe (``dpo.policy``, ``distill.teacher``, ...) -> ``(folder, version)``.
+
+    ``registry:NAME[@VERSION_OR_ALIAS]`` (``@3``, ``@champion``; the latest version without
+    ``@``) is downloaded from the recipe's registry into ``dest``, checksums verified, and
+    ``version`` is ``{"name", "version", "run", "uri", "metrics"}``: the lineage parent of the
+    model a flow trains from it. Anything else resolves as ``model.base`` does (a folder,
+    ``builtin:``, a Hub id) and ``version`` is None.
+
+    Raises:
+        steps.registry.NotFoundError: the registry has no such model, version or alias.
+    """
+    from steps.registry import Registry
+
+    if not spec.startswith(REGISTRY_PREFIX):
+        return str(resolve_base_model(spec, recipe.storage_root)), None
+    name, _, version = spec[len(REGISTRY_PREFIX):].partition("@")
+    registry = Registry(recipe.registry_root)
+    found = registry.get(name, version or "latest")
+    path = registry.download(name, found.version, dest)
+    return str(path), {"name": name, "version": found.version, "run": found.manifest.get("run"),
+                       "uri": found.uri, "metrics": dict(found.manifest.get("metrics") or {})}
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):

@@ -65,6 +65,8 @@ class SFTObjective:
 # objective name (TrainSpec.objective) -> "module:class"; the class is built as cls(recipe, inputs, device)
 OBJECTIVES = {
     "sft": "steps.objectives:SFTObjective",
+    "dpo": "steps.dpo:DPOObjective",
+    "distill": "steps.distill:DistillObjective",
 }
 
 
@@ -75,7 +77,7 @@ def objective_for(name: str, recipe, inputs: dict, device: torch.device) -> Obje
     ('input_ids', 'labels', 'position_ids')
     >>> objective_for("ppo", None, {}, torch.device("cpu"))
     Traceback (most recent call last):
-    ValueError: unknown training objective 'ppo' (known: sft)
+    ValueError: unknown training objective 'ppo' (known: distill, dpo, sft)
     """
     if name not in OBJECTIVES:
         raise ValueError(f"unknown training objective {name!r} (known: {', '.join(sorted(OBJECTIVES))})")

@@ -239,8 +239,9 @@ def test_builtin_lookups():
         generate_conversations(5, seed=2)
     )
     assert builtin.builtin_evaluator("catalog") is evaluate
-    assert builtin.BUILTIN_MODELS == {"tiny-llama": tiny_llama.build_tiny_llama}
-    with pytest.raises(ValueError, match=r"unknown builtin model 'huge-llama'; known: tiny-llama"):
+    assert builtin.BUILTIN_MODELS == {"tiny-llama": tiny_llama.build_tiny_llama,
+                                      "tiny-llama-student": tiny_llama.build_tiny_llama_student}
+    with pytest.raises(ValueError, match=r"unknown builtin model 'huge-llama'; known: tiny-llama, tiny-llama-student"):
         builtin.ensure_builtin_model("huge-llama", Path("/nonexistent"))
     with pytest.raises(ValueError, match=r"unknown builtin dataset 'movies'; known: catalog"):
         builtin.builtin_dataset("movies", 1, 0)
@@ -419,8 +420,8 @@ def test_losing_a_build_race_keeps_the_winner(model_dir, tmp_path, monkeypatch):
     dest = tmp_path / "tiny"
     original = tiny_llama._write_build
 
-    def write_then_lose(folder, seed):
-        original(folder, seed)
+    def write_then_lose(folder, seed, size):
+        original(folder, seed, size)
         shutil.copytree(model_dir, dest)  # the other process renames first
         (dest / "winner").write_text("")
 

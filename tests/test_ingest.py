@@ -193,3 +193,29 @@ def test_datasets_folders_are_read_row_by_row(tmp_path):
     rejects = [json.loads(line) for line in open(manifest["rejects_uri"])]
     # DatasetDict splits are read in name order: "test" (row 0) before "train".
     assert [(r["source"], r["position"], r["reason"]) for r in rejects] == [(str(tmp_path / "dd"), 0, "unknown_shape")]
+
+
+def test_ingest_memory_does_not_grow_with_the_data(tmp_path):
+    """Python memory at peak grows by the dedup set only (~0.2 KB a conversation), not by the 8 KB records."""
+    import tracemalloc
+
+    filler = "x" * 8000
+
+    def peak_bytes(num_records: int) -> int:
+        records = ({"messages": [{"role": "user", "content": f"question {i} {filler}"},
+                                 {"role": "assistant", "content": f"answer {i}"}]} for i in range(num_records))
+        uri = _write_jsonl(tmp_path / f"{num_records}.jsonl", records)
+        tracemalloc.start()
+        try:
+            manifest = ingest(_recipe(tmp_path, [uri], records_per_shard=100), str(tmp_path / f"run-{num_records}"))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert manifest["num_valid"] == num_records
+        return peak
+
+    peak_bytes(10)  # lazy imports and caches of the first call are not the data's
+    small, large = peak_bytes(200), peak_bytes(800)
+    extra_data_bytes = 600 * len(filler)  # 4.8 MB more read; holding it would add that much
+    print(f"peak {small} -> {large} bytes")
+    assert large - small < 0.25 * extra_data_bytes

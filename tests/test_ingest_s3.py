@@ -3,6 +3,8 @@
 import gzip
 import io
 import json
+import tempfile
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -55,3 +57,40 @@ def test_jsonl_gzip_and_parquet_prefix_from_s3(s3_bucket, tmp_path):
     again = ingest(recipe_from_dict({"storage": str(tmp_path / "store"), "data": {
         "sources": [{"uri": str(local)}], "eval_fraction": 0.2}}), str(tmp_path / "run2"))
     assert again["fingerprint"] == manifest["fingerprint"]
+
+
+def test_datasets_folders_on_s3_give_the_rows_of_the_local_folders(s3_bucket, tmp_path):
+    import datasets
+
+    # A Dataset in two Arrow files, and a DatasetDict whose "test" split comes first by name.
+    datasets.Dataset.from_list([_conversation(i) for i in range(30)]).save_to_disk(str(tmp_path / "ds"), num_shards=2)
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_list([{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(20)]),
+        "test": datasets.Dataset.from_list([{"prompt": "only a prompt", "completion": None}]),
+    }).save_to_disk(str(tmp_path / "dd"))
+    assert len(json.loads((tmp_path / "ds" / "state.json").read_text())["_data_files"]) == 2
+    client = s3_client()
+    for folder in ("ds", "dd"):
+        for path in sorted((tmp_path / folder).rglob("*")):
+            if path.is_file():
+                client.upload_file(str(path), s3_bucket, f"hf/{path.relative_to(tmp_path)}")
+
+    def ingested(sources, name):
+        recipe = recipe_from_dict({"storage": str(tmp_path / "store"), "data": {
+            "sources": [{"uri": uri} for uri in sources], "eval_fraction": 0.2, "max_reject_fraction": 0.1}})
+        manifest = ingest(recipe, str(tmp_path / name))
+        rejects = [json.loads(line) for line in open(manifest["rejects_uri"])]
+        rows = [r for split in ("train", "eval") for r in read_conversations(manifest["splits"][split]["uris"])]
+        return manifest, rejects, rows
+
+    remote, remote_rejects, remote_rows = ingested([f"s3://{s3_bucket}/hf/ds", f"s3://{s3_bucket}/hf/dd"], "s3")
+    local, _, _ = ingested([str(tmp_path / "ds"), str(tmp_path / "dd")], "local")
+    assert (remote["num_records_read"], remote["num_valid"]) == (51, 50)
+    # "test" (row 0 of the DatasetDict) is read before "train", as from a local folder.
+    assert [(r["source"], r["position"], r["reason"]) for r in remote_rejects] == [
+        (f"s3://{s3_bucket}/hf/dd", 0, "unknown_shape")]
+    assert remote["fingerprint"] == local["fingerprint"]
+    assert sorted(r["messages"][1]["content"] for r in remote_rows if r["source"].endswith("/ds")) == sorted(
+        f"answer {i}" for i in range(30))
+    # Each Arrow file went to a temporary folder that is gone once read.
+    assert not list(Path(tempfile.gettempdir()).glob("posttrain-ingest-*/data.arrow"))

@@ -4,7 +4,7 @@ Recipes refer to these as ``builtin:<name>``; callers strip the prefix and ask h
 
 Example:
     >>> sorted(BUILTIN_MODELS), sorted(BUILTIN_DATASETS), sorted(BUILTIN_EVALUATORS)
-    (['tiny-llama'], ['catalog'], ['catalog'])
+    (['tiny-llama', 'tiny-llama-student'], ['catalog', 'catalog-pairs'], ['catalog'])
     >>> record = next(builtin_dataset("catalog", num_conversations=1, seed=0))
     >>> builtin_evaluator("catalog")([record], [record["messages"][-1]["content"]])["num_recommend"] >= 0
     True
@@ -16,15 +16,17 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from steps.builtin.catalog import CATALOG_EVALUATOR, generate_conversations
-from steps.builtin.tiny_llama import build_tiny_llama
+from steps.builtin.catalog import CATALOG_EVALUATOR, generate_conversations, generate_preference_pairs
+from steps.builtin.tiny_llama import build_tiny_llama, build_tiny_llama_student
 
 Evaluator = Callable[[Sequence[Mapping[str, Any]], Sequence[str]], dict[str, float]]
 """``(records, answers) -> metrics``; records carry ``messages`` and ``meta``."""
 
-BUILTIN_MODELS: dict[str, Callable[..., Path]] = {"tiny-llama": build_tiny_llama}
+BUILTIN_MODELS: dict[str, Callable[..., Path]] = {"tiny-llama": build_tiny_llama,
+                                                   "tiny-llama-student": build_tiny_llama_student}
 """Model name -> builder ``(dest: Path, *, seed: int) -> Path``."""
-BUILTIN_DATASETS: dict[str, Callable[..., Iterator[dict[str, Any]]]] = {"catalog": generate_conversations}
+BUILTIN_DATASETS: dict[str, Callable[..., Iterator[dict[str, Any]]]] = {"catalog": generate_conversations,
+                                                                        "catalog-pairs": generate_preference_pairs}
 BUILTIN_EVALUATORS: dict[str, Evaluator] = {"catalog": CATALOG_EVALUATOR}
 
 # Part of the cache folder name; bump with the builders' BUILD_VERSION so a new
@@ -49,7 +51,8 @@ def ensure_builtin_model(name: str, cache_root: Path) -> Path:
 
 
 def builtin_dataset(name: str, num_conversations: int, seed: int) -> Iterator[dict[str, Any]]:
-    """Conversation records ``{"messages": [...], "meta": {...}}`` of a builtin dataset."""
+    """Records of a builtin dataset: conversations ``{"messages", "meta"}`` (``catalog``) or
+    preference pairs ``{"prompt", "chosen", "rejected", "meta"}`` (``catalog-pairs``)."""
     generator = _lookup("dataset", BUILTIN_DATASETS, name)
     return generator(num_conversations, seed=seed)
 

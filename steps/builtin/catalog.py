@@ -288,11 +288,14 @@ def _recommend_exchange(rng: random.Random, catalog: Sequence[Title]) -> tuple[s
             np += f" {rng.choice(('from', 'made in', 'released in'))} the {title.decade}s"
         user = rng.choice(_RECOMMEND_TEMPLATES).format(np=np)
 
-    assistant = (
+    return user, _recommend_answer(title), {"task": "recommend", "constraints": constraints}
+
+
+def _recommend_answer(title: Title) -> str:
+    return (
         f'I recommend "{title.title}" ({title.year}), {_article(title.mood)} {title.mood} '
         f"{_GENRE_NOUNS[title.genre]} starring {title.cast[0]}."
     )
-    return user, assistant, {"task": "recommend", "constraints": constraints}
 
 
 def _matches_clues(candidate: Title, title: Title, clues: Sequence[str], actor: str) -> bool:
@@ -325,21 +328,28 @@ def _search_exchange(rng: random.Random, catalog: Sequence[Title]) -> tuple[str,
     if "actor" in clues:
         description += f" {rng.choice(('starring', 'with'))} {actor}"
     user = rng.choice(_SEARCH_TEMPLATES).format(d=description)
-    assistant = f'That would be "{title.title}" ({title.year}), starring {title.cast[0]} and {title.cast[1]}.'
-    return user, assistant, {"task": "search", "title": title.title}
+    return user, _search_answer(title), {"task": "search", "title": title.title}
+
+
+def _search_answer(title: Title) -> str:
+    return f'That would be "{title.title}" ({title.year}), starring {title.cast[0]} and {title.cast[1]}.'
 
 
 def _qa_exchange(rng: random.Random, catalog: Sequence[Title]) -> tuple[str, str, dict[str, Any]]:
     title = rng.choice(catalog)
     field = rng.choice(("cast", "year", "genre"))
     user = rng.choice(_QA_TEMPLATES[field]).format(t=title.title)
+    return user, _qa_answer(title, field), {"task": "qa", "title": title.title, "field": field}
+
+
+def _qa_answer(title: Title, field: str, facts: Title | None = None) -> str:
+    """The answer about ``title``'s ``field``, with the facts of ``facts`` (default: its own)."""
+    facts = facts or title
     if field == "cast":
-        assistant = f'"{title.title}" stars {title.cast[0]} and {title.cast[1]}.'
-    elif field == "year":
-        assistant = f'"{title.title}" was released in {title.year}.'
-    else:
-        assistant = f'"{title.title}" is {_article(title.mood)} {title.mood} {_GENRE_NOUNS[title.genre]}.'
-    return user, assistant, {"task": "qa", "title": title.title, "field": field}
+        return f'"{title.title}" stars {facts.cast[0]} and {facts.cast[1]}.'
+    if field == "year":
+        return f'"{title.title}" was released in {facts.year}.'
+    return f'"{title.title}" is {_article(facts.mood)} {facts.mood} {_GENRE_NOUNS[facts.genre]}.'
 
 
 def _exchange(rng: random.Random, catalog: Sequence[Title]) -> tuple[str, str, dict[str, Any]]:
@@ -380,6 +390,51 @@ def generate_conversations(
             messages.append({"role": "user", "content": user})
             messages.append({"role": "assistant", "content": assistant})
         yield {"messages": messages, "meta": meta}
+
+
+def generate_preference_pairs(
+    num_pairs: int, seed: int = 0, catalog: Sequence[Title] | None = None
+) -> Iterator[dict[str, Any]]:
+    """Yield ``num_pairs`` preference records ``{"prompt", "chosen", "rejected", "meta"}`` (``builtin:catalog-pairs``).
+
+    The prompt and the chosen answer are those of :func:`generate_conversations` (same seed,
+    same requests); the rejected answer is the same sentence about a title that fails the
+    request: for ``recommend``, a title that breaks a constraint (``recommendation_is_valid``
+    is False); for ``search``, another title; for ``qa``, the named title with another
+    title's (different) facts. So preferring ``chosen`` is exactly what the task score rewards.
+
+    Example:
+        >>> record = next(generate_preference_pairs(1, seed=0))
+        >>> sorted(record), [m["role"] for m in record["chosen"]], record["meta"]["task"]
+        (['chosen', 'meta', 'prompt', 'rejected'], ['assistant'], 'recommend')
+        >>> recommendation_is_valid(record["meta"], record["chosen"][0]["content"])
+        True
+        >>> recommendation_is_valid(record["meta"], record["rejected"][0]["content"])
+        False
+    """
+    catalog = _resolve(catalog)
+    # Its own stream: the requests stay those of generate_conversations(num_pairs, seed).
+    rng = random.Random(seed * 1_000_003 + 17)
+    for record in generate_conversations(num_pairs, seed=seed, catalog=catalog):
+        *prompt, answer = record["messages"]
+        meta = record["meta"]
+        named = first_title_named(answer["content"], catalog)
+        while True:
+            wrong = rng.choice(catalog)
+            if meta["task"] == "recommend":
+                rejected = _recommend_answer(wrong)
+                if not recommendation_is_valid(meta, rejected, catalog):
+                    break
+            elif meta["task"] == "search":
+                if wrong != named:
+                    rejected = _search_answer(wrong)
+                    break
+            else:
+                rejected = _qa_answer(named, meta["field"], facts=wrong)
+                if rejected != answer["content"]:
+                    break
+        yield {"prompt": prompt, "chosen": [answer], "rejected": [{"role": "assistant", "content": rejected}],
+               "meta": meta}
 
 
 # ---------------------------------------------------------------- scoring
@@ -503,6 +558,8 @@ def task_prompt(record: Mapping[str, Any]) -> list[dict[str, Any]]:
         >>> task_prompt(record)
         [{'role': 'user', 'content': 'Hi'}]
     """
+    if record.get("messages") is None and record.get("prompt") is not None:
+        return [dict(m) for m in record["prompt"]]  # a preference pair: its prompt is what is answered
     messages = list(record["messages"])
     for index in range(len(messages) - 1, -1, -1):
         if messages[index]["role"] == "assistant":

@@ -37,6 +37,13 @@ SPECIAL_TOKENS: tuple[str, ...] = (PAD_TOKEN, IM_START_TOKEN, IM_END_TOKEN)
 VOCAB_SIZE = 2048
 """Total vocabulary, special and reserved tokens included."""
 
+# Model shapes. The student (``builtin:tiny-llama-student``) is the distillation default: about
+# 3x fewer parameters, and the same tokenizer, so it can learn from tiny-llama's logits.
+TINY_LLAMA_SIZE = {"hidden_size": 192, "intermediate_size": 512, "num_hidden_layers": 4,
+                   "num_attention_heads": 6, "num_key_value_heads": 2}
+STUDENT_SIZE = {"hidden_size": 128, "intermediate_size": 320, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "num_key_value_heads": 2}
+
 # The tokenizer corpus does not depend on the build seed: models built with
 # different seeds share one tokenizer, so token shards stay interchangeable.
 TOKENIZER_CORPUS_SEED = 0
@@ -134,17 +141,13 @@ def build_tokenizer():
     return tokenizer
 
 
-def _build_model(tokenizer, seed: int):
+def _build_model(tokenizer, seed: int, size: dict):
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=192,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=6,
-        num_key_value_heads=2,
+        **size,
         max_position_embeddings=1024,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
@@ -185,16 +188,16 @@ def _check_chat_template(tokenizer) -> None:
         raise RuntimeError(f"chat markers are not single tokens: {tokenizer.convert_ids_to_tokens(ids)}")
 
 
-def _write_build(folder: Path, seed: int) -> None:
+def _write_build(folder: Path, seed: int, size: dict) -> None:
     tokenizer = build_tokenizer()
     _check_chat_template(tokenizer)
-    model = _build_model(tokenizer, seed)
+    model = _build_model(tokenizer, seed, size)
     tokenizer.save_pretrained(folder)
     model.save_pretrained(folder)
     (folder / MARKER_FILE).write_text(_marker_text(seed))
 
 
-def build_tiny_llama(dest: Path, *, seed: int = 0) -> Path:
+def build_tiny_llama(dest: Path, *, seed: int = 0, size: dict | None = None) -> Path:
     """Build the tiny Llama into ``dest`` (once) and return ``dest``.
 
     The build goes into a temporary sibling folder that is renamed onto ``dest``
@@ -209,6 +212,8 @@ def build_tiny_llama(dest: Path, *, seed: int = 0) -> Path:
         >>> model = AutoModelForCausalLM.from_pretrained(folder)
         >>> model.config.hidden_size, model.num_parameters()
         (192, 1967808)
+
+    ``size`` overrides the shape (``TINY_LLAMA_SIZE``); see :func:`build_tiny_llama_student`.
     """
     dest = Path(dest)
     if is_complete_build(dest, seed=seed):
@@ -217,7 +222,7 @@ def build_tiny_llama(dest: Path, *, seed: int = 0) -> Path:
     staging = dest.parent / f".{dest.name}.building-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
-        _write_build(staging, seed)
+        _write_build(staging, seed, size or TINY_LLAMA_SIZE)
         if dest.exists() and not is_complete_build(dest, seed=seed):
             # A stale or foreign build (older version, other seed): move it aside
             # with one rename, so readers never see a half-deleted folder.
@@ -238,3 +243,17 @@ def build_tiny_llama(dest: Path, *, seed: int = 0) -> Path:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return dest
+
+
+def build_tiny_llama_student(dest: Path, *, seed: int = 0) -> Path:
+    """Build the distillation student into ``dest`` (once): tiny-llama's tokenizer, a smaller body.
+
+    Example:
+        >>> import tempfile
+        >>> from transformers import AutoModelForCausalLM
+        >>> folder = build_tiny_llama_student(Path(tempfile.mkdtemp()) / "student")
+        >>> model = AutoModelForCausalLM.from_pretrained(folder)
+        >>> model.config.hidden_size, model.config.num_hidden_layers, model.num_parameters()
+        (128, 2, 606848)
+    """
+    return build_tiny_llama(dest, seed=seed, size=STUDENT_SIZE)

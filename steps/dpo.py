@@ -1,0 +1,570 @@
+"""Direct preference optimisation: preference pairs -> packed pair rows -> the ``dpo`` objective.
+
+DPO reuses every SFT step; what is its own lives here:
+
+- **Data** (:data:`PAIRS`, a ``steps.ingest.RecordFormat``): records
+  ``{"prompt": messages, "chosen": assistant message(s), "rejected": assistant message(s)}``, or
+  the flat form with strings (``{"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."}``),
+  validated by ``steps.ingest.normalize_record`` (prompt + response), rejected with reasons,
+  deduped and split by a hash of the pair, exactly as SFT conversations are.
+- **Tokens** (:func:`tokenize_pairs`): ``prompt + chosen`` and ``prompt + rejected`` are each
+  rendered by ``steps.chat.tokenize_conversation`` (only the response is trained), and a pair's
+  two sequences are packed into the same row, one after the other, so a micro-batch always
+  holds whole pairs. Each sequence restarts ``position_ids`` (attention never crosses
+  sequences), and ``sequence_ids`` says which sequence of which pair a token belongs to::
+
+      row           [ p p c c | p p r r r | p c | p r r ]      (p prompt, c chosen, r rejected)
+      position_ids  [ 0 1 2 3 | 0 1 2 3 4 | 0 1 | 0 1 2 ]
+      labels        [ - - c c | - - r r r | - c | - r r ]      (- = -100)
+      sequence_ids  [ 0 0 0 0 | 1 1 1 1 1 | 2 2 | 3 3 3 ]      (2k: chosen of pair k, 2k+1: its rejected)
+      ref_logps     [ 0 0 0 x | 0 0 0 x x | 0 x | 0 0 x ]      (x: log p_ref(token | earlier tokens))
+
+  Padding gets ``sequence_ids`` -1. ``ref_logps`` comes from one pass of the reference model
+  before training (:func:`add_reference_logps`), so training holds no second model.
+- **Loss** (:class:`DPOObjective`, registered as ``"dpo"`` in ``steps.objectives``): the
+  sequence log-prob is the sum of its trained tokens' log-probs, and per pair::
+
+      delta   = (log pi(c) - log ref(c)) - (log pi(r) - log ref(r))
+      sigmoid = -(1 - eps) * logsigmoid(beta * delta) - eps * logsigmoid(-beta * delta)
+      ipo     = (delta_per_token - 1 / (2 * beta)) ** 2       (log-ratios divided by response tokens)
+
+  The step's loss is the mean over its pairs. ``sigmoid`` and ``ipo`` equal TRL's
+  ``DPOTrainer`` losses (tested); ``eps`` (``dpo.label_smoothing``) is conservative DPO.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+
+from steps import ingest
+from steps.config import DPOConfig, Recipe, warn_ignored
+from steps.losses import IGNORE_INDEX, mask_padded_logits, shifted_targets
+from steps.packing import collate_rows, pack_documents, pack_row
+
+PAIR_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("prompt", pa.list_(ingest.MESSAGE_TYPE)),
+    ("chosen", pa.list_(ingest.MESSAGE_TYPE)),
+    ("rejected", pa.list_(ingest.MESSAGE_TYPE)),
+    ("meta", pa.string()),
+    ("source", pa.string()),
+])
+
+PAIR_TOKEN_SCHEMA = pa.schema([
+    ("input_ids", pa.list_(pa.int32())),
+    ("labels", pa.list_(pa.int32())),
+    ("position_ids", pa.list_(pa.int32())),
+    ("sequence_ids", pa.list_(pa.int32())),
+    ("ref_logps", pa.list_(pa.float32())),
+])
+
+PAD_SEQUENCE = -1
+"""``sequence_ids`` of padding tokens."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: records -> validated pairs (a steps.ingest.RecordFormat)
+# ---------------------------------------------------------------------------------------------
+
+def _as_messages(value: object, role: str) -> object:
+    """A string becomes one message of ``role``; one message dict becomes a list of it."""
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    if isinstance(value, dict):
+        return [value]
+    return value
+
+
+def normalize_pair(record: object) -> dict:
+    """Return ``{"prompt", "chosen", "rejected"}`` message lists of a record, or raise ``InvalidRecord``.
+
+    The prompt's messages are context (``train: False``); each response must be assistant turns.
+    ``prompt + chosen`` and ``prompt + rejected`` are validated as SFT conversations are
+    (``steps.ingest.normalize_record``: roles, string content, ends with the assistant), so the
+    reject reasons are the same, plus ``identical_responses`` and ``response_not_assistant``.
+
+    >>> pair = normalize_pair({"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."})
+    >>> pair["prompt"], pair["rejected"]
+    ([{'role': 'user', 'content': 'Hi', 'train': False}], [{'role': 'assistant', 'content': 'Go away.', 'train': True}])
+    >>> normalize_pair({"prompt": "Hi", "chosen": "Hello!", "rejected": "Hello!"})
+    Traceback (most recent call last):
+    steps.ingest.InvalidRecord: identical_responses
+    """
+    if not isinstance(record, dict):
+        raise ingest.InvalidRecord("not_an_object", type(record).__name__)
+    missing = [key for key in ("prompt", "chosen", "rejected") if record.get(key) is None]
+    if missing:
+        raise ingest.InvalidRecord("unknown_shape", f"expected 'prompt', 'chosen' and 'rejected'; missing {missing}")
+    prompt = _as_messages(record["prompt"], "user")
+    if not isinstance(prompt, list) or not prompt:
+        raise ingest.InvalidRecord("bad_messages", "'prompt' is not a non-empty string or list of messages")
+    # The prompt is context only, even where it holds earlier assistant turns.
+    prompt = [dict(m, train=False) if isinstance(m, dict) else m for m in prompt]
+    pair = {}
+    for key in ("chosen", "rejected"):
+        response = _as_messages(record[key], "assistant")
+        if not isinstance(response, list) or not response:
+            raise ingest.InvalidRecord("bad_messages", f"'{key}' is not a non-empty string or list of messages")
+        if not isinstance(response[0], dict) or response[0].get("role") != "assistant":
+            raise ingest.InvalidRecord("response_not_assistant", f"'{key}' does not start with an assistant turn")
+        conversation = ingest.normalize_record({"messages": prompt + response})
+        pair["prompt"], pair[key] = conversation[:len(prompt)], conversation[len(prompt):]
+    if pair["chosen"] == pair["rejected"]:
+        raise ingest.InvalidRecord("identical_responses")
+    return pair
+
+
+def pair_id(pair: dict) -> str:
+    """sha256 of the normalized pair: it dedupes pairs and decides their split (``ingest.split_of``)."""
+    canonical = json.dumps([[[m["role"], m["content"], m["train"]] for m in pair[key]]
+                            for key in ("prompt", "chosen", "rejected")], ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+PAIRS = ingest.RecordFormat(schema=PAIR_SCHEMA, normalize=normalize_pair, record_id=pair_id)
+"""Preference pairs for ``steps.ingest.ingest(recipe, run_root, record_format=PAIRS)``."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokens: pairs -> packed rows (both sequences of a pair in one row) + reference log-probs
+# ---------------------------------------------------------------------------------------------
+
+def pack_pairs(pairs: Sequence[tuple[tuple[Sequence[int], Sequence[int]], tuple[Sequence[int], Sequence[int]]]],
+               row_tokens: int) -> list[dict[str, np.ndarray]]:
+    """Pack ``((chosen_ids, chosen_labels), (rejected_ids, rejected_labels))`` pairs into rows.
+
+    A pair is one unit of ``len(chosen) + len(rejected)`` tokens for the best-fit-decreasing
+    packer (``steps.packing.pack_documents``), so its two sequences share a row; within a row,
+    pair ``k`` has ``sequence_ids`` ``2k`` (chosen) and ``2k + 1`` (rejected)::
+
+        >>> rows = pack_pairs([(([1, 2], [-100, 2]), ([1, 3, 4], [-100, 3, 4]))], row_tokens=8)
+        >>> {name: values.tolist() for name, values in rows[0].items()}  # doctest: +NORMALIZE_WHITESPACE
+        {'input_ids': [1, 2, 1, 3, 4], 'labels': [-100, 2, -100, 3, 4], 'position_ids': [0, 1, 0, 1, 2],
+         'sequence_ids': [0, 0, 1, 1, 1]}
+    """
+    bins = pack_documents([len(chosen[0]) + len(rejected[0]) for chosen, rejected in pairs], row_tokens)
+    rows = []
+    for indices in bins:
+        row = pack_row([sequence for index in indices for sequence in pairs[index]])
+        row["sequence_ids"] = np.concatenate([np.full(len(sequence[0]), 2 * k + side, dtype=np.int32)
+                                              for k, index in enumerate(indices)
+                                              for side, sequence in enumerate(pairs[index])])
+        rows.append(row)
+    return rows
+
+
+def token_logps(logits: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """``[rows, tokens]`` log-probs of each trained token given the earlier tokens of its sequence (fp32).
+
+    Aligned with ``labels``: the value at ``i`` is ``log p(labels[i] | tokens < i)``, from
+    ``logits[i - 1]``; 0 where ``i`` is no target (label -100 or a sequence start).
+    """
+    targets = shifted_targets(labels, position_ids)
+    logps = -F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                             reduction="none").view_as(targets)
+    return F.pad(logps, (1, 0))
+
+
+def _target_mask(labels: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """Aligned with ``labels`` like :func:`token_logps`: 1.0 where a token is a trained target."""
+    return F.pad((shifted_targets(labels, position_ids) != IGNORE_INDEX).float(), (1, 0))
+
+
+def sequence_sums(values: torch.Tensor, sequence_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pair sums of a per-token ``[rows, tokens]`` tensor: ``([rows, pairs, 2], pair_mask [rows, pairs])``.
+
+    ``[..., 0]`` is the chosen sequence's sum, ``[..., 1]`` the rejected one's; ``pairs`` is the
+    most pairs any row holds, and ``pair_mask`` marks the pairs a row really has.
+
+    >>> values = torch.tensor([[1., 2., 3., 4., 0.], [5., 6., 0., 0., 0.]])
+    >>> ids = torch.tensor([[0, 0, 1, 2, 3], [0, 1, -1, -1, -1]])
+    >>> sums, mask = sequence_sums(values, ids)
+    >>> sums.tolist(), mask.tolist()
+    ([[[3.0, 3.0], [4.0, 0.0]], [[5.0, 6.0], [0.0, 0.0]]], [[True, True], [True, False]])
+    """
+    pairs_per_row = (sequence_ids.max(dim=1).values + 1) // 2  # ids are 0 .. 2n-1 in a row of n pairs
+    num_pairs = max(1, int(pairs_per_row.max()))
+    is_real = sequence_ids != PAD_SEQUENCE
+    sums = values.new_zeros(values.shape[0], 2 * num_pairs).scatter_add(
+        1, sequence_ids.clamp(min=0), values.masked_fill(~is_real, 0))
+    pair_mask = torch.arange(num_pairs, device=values.device) < pairs_per_row.unsqueeze(1)
+    return sums.view(values.shape[0], num_pairs, 2), pair_mask
+
+
+def collate_pair_rows(rows: Sequence[dict], row_tokens: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """``steps.packing.collate_rows`` plus ``sequence_ids`` (padding -1) and ``ref_logps`` (padding 0)."""
+    batch = collate_rows(rows, row_tokens, pad_id)
+    sequence_ids = torch.full((len(rows), row_tokens), PAD_SEQUENCE, dtype=torch.long)
+    ref_logps = torch.zeros((len(rows), row_tokens), dtype=torch.float32)
+    for index, row in enumerate(rows):
+        length = len(row["input_ids"])
+        sequence_ids[index, :length] = torch.as_tensor(row["sequence_ids"], dtype=torch.long)
+        if "ref_logps" in row:
+            ref_logps[index, :length] = torch.as_tensor(row["ref_logps"], dtype=torch.float32)
+    return {**batch, "sequence_ids": sequence_ids, "ref_logps": ref_logps}
+
+
+def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def add_reference_logps(model, rows: list[dict], *, row_tokens: int, pad_id: int, batch_rows: int = 8) -> None:
+    """Set ``row["ref_logps"]`` (float32, :func:`token_logps` of the reference ``model``) on every row.
+
+    The rows run as training runs them (padded to ``row_tokens``, ``position_ids``, no attention
+    mask), so a policy equal to the reference starts with log-ratios of exactly 0.
+    """
+    device = next(model.parameters()).device
+    bf16 = device.type == "cuda"  # as the trainer's autocast on GPU
+    with torch.no_grad():
+        for chunk in _batches(rows, batch_rows):
+            batch = {k: v.to(device) for k, v in collate_rows(chunk, row_tokens, pad_id).items()}
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                # use_cache=False: with a cache, transformers does not build the per-sequence mask.
+                logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                               use_cache=False).logits
+            logps = token_logps(logits, batch["labels"], batch["position_ids"]).cpu().numpy()
+            for row, values in zip(chunk, logps):
+                row["ref_logps"] = values[:len(row["input_ids"])].astype(np.float32)
+
+
+def _write_pair_shard(path: Path, rows: list[dict]) -> None:
+    columns = {name: pa.array([np.asarray(row[name]) for row in rows], type=PAIR_TOKEN_SCHEMA.field(name).type)
+               for name in PAIR_TOKEN_SCHEMA.names}
+    staging = path.with_name(f".{path.name}.writing-{os.getpid()}")
+    pq.write_table(pa.table(columns, schema=PAIR_TOKEN_SCHEMA), staging)
+    os.replace(staging, path)  # a reader never sees half a shard
+
+
+def read_pairs(data_uris: Sequence[str]) -> Iterator[dict]:
+    """Pair records ``{id, prompt, chosen, rejected, meta (JSON text), source}`` of data shards, in order."""
+    for uri in data_uris:
+        for batch in pq.ParquetFile(uri).iter_batches(batch_size=4096):
+            yield from batch.to_pylist()
+
+
+def tokenize_pairs(tokenizer, data_uris: Sequence[str], *, max_seq_tokens: int,
+                   max_reject_fraction: float = 0.0) -> tuple[dict, list[dict]]:
+    """Tokenize the pairs of data shards and pack them, a pair's two sequences in one row.
+
+    Each of ``prompt + chosen`` and ``prompt + rejected`` goes through
+    ``steps.chat.tokenize_conversation`` (the chat template; labels only on the response and
+    its end-of-turn token). A pair is dropped when both together exceed ``max_seq_tokens`` (a
+    row), when a response has no trained token, or when the template refuses a sequence
+    (counted by reason, up to ``max_reject_fraction`` of the pairs; a template that cannot be
+    masked at all fails as in SFT). The rows are returned (without ``ref_logps``) for
+    :func:`add_reference_logps` and :func:`write_pair_rows`.
+
+    Returns ``(stats, rows)``; ``stats`` has ``num_pairs`` (read), ``num_packed_pairs``,
+    ``num_dropped_too_long``, ``num_no_trained_tokens``, ``num_template_rejects``,
+    ``template_reject_reasons``, ``num_rows``, ``num_tokens``, ``num_trained_tokens``,
+    ``packing_efficiency`` and ``max_seq_tokens``.
+    """
+    from steps.chat import ChatTemplateError, ConversationTooLong, NoTrainedTokens, tokenize_conversation
+
+    pairs = []
+    counts = Counter(num_pairs=0, num_dropped_too_long=0, num_no_trained_tokens=0)
+    template_rejects: Counter[str] = Counter()
+    first_reject = ""
+    for record in read_pairs(data_uris):
+        counts["num_pairs"] += 1
+        try:
+            sequences = tuple(tokenize_conversation(tokenizer, record["prompt"] + record[key], max_seq_tokens)
+                              for key in ("chosen", "rejected"))
+        except ConversationTooLong:
+            counts["num_dropped_too_long"] += 1
+            continue
+        except NoTrainedTokens:
+            counts["num_no_trained_tokens"] += 1
+            continue
+        except ChatTemplateError as error:
+            if error.reason not in ChatTemplateError.RECORD_REASONS:
+                raise ChatTemplateError(f"pair {record['id']}: {error}", error.reason) from error
+            template_rejects[error.reason] += 1
+            first_reject = first_reject or f"pair {record['id']}: {error}"
+            continue
+        if sum(len(s.input_ids) for s in sequences) > max_seq_tokens:
+            counts["num_dropped_too_long"] += 1
+            continue
+        pairs.append(tuple((s.input_ids, s.labels) for s in sequences))
+    num_template_rejects = sum(template_rejects.values())
+    if num_template_rejects > max_reject_fraction * counts["num_pairs"]:
+        raise ChatTemplateError(
+            f"the chat template rejected {num_template_rejects} of {counts['num_pairs']} pairs "
+            f"({dict(template_rejects)}), more than max_reject_fraction={max_reject_fraction}; the first: "
+            f"{first_reject}", template_rejects.most_common(1)[0][0])
+    rows = pack_pairs(pairs, max_seq_tokens)
+    num_tokens = sum(len(row["input_ids"]) for row in rows)
+    stats = {
+        **counts,
+        "num_template_rejects": num_template_rejects,
+        "template_reject_reasons": dict(sorted(template_rejects.items())),
+        "num_packed_pairs": len(pairs),
+        "num_rows": len(rows),
+        "num_tokens": num_tokens,
+        "num_trained_tokens": int(sum((row["labels"] != IGNORE_INDEX).sum() for row in rows)),
+        "packing_efficiency": num_tokens / (len(rows) * max_seq_tokens) if rows else 0.0,
+        "max_seq_tokens": max_seq_tokens,
+    }
+    return stats, rows
+
+
+def write_pair_rows(rows: list[dict], out_dir: Path, rows_per_shard: int = 20000) -> list[str]:
+    """Write rows (with ``ref_logps``) to ``out_dir/part-NNNNN.parquet``; return the shard paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob("part-*.parquet"):  # a retried step must not leave an earlier attempt's shards
+        stale.unlink()
+    uris = []
+    for index, start in enumerate(range(0, max(len(rows), 1), rows_per_shard)):
+        path = out_dir / f"part-{index:05d}.parquet"
+        _write_pair_shard(path, rows[start:start + rows_per_shard])
+        uris.append(str(path))
+    return uris
+
+
+def tokenize_splits(recipe: Recipe, policy_path: str | Path, reference_path: str | Path, dataset_manifest: dict,
+                    run_root: str) -> dict:
+    """The DPO tokenize step: packed pair rows with reference log-probs under ``<run_root>/tokens/<split>/``.
+
+    The reference model (``reference_path``; the starting policy unless ``dpo.reference`` names
+    another) scores every row once, here, on the GPU if there is one. Returns
+    ``{"train": stats, "eval": stats, "packing_efficiency": train's, "example": str,
+    "reference_seconds": float}``; each ``stats`` is :func:`tokenize_pairs`' plus ``uris``, and
+    ``example`` shows the first training pair with its trained tokens in ``[[ ]]``.
+    """
+    from steps.chat import example_masked_text
+    from steps.models import load_model, load_tokenizer
+    from steps.storage import subdir
+
+    tokenizer = load_tokenizer(policy_path, recipe.model.trust_remote_code)
+    reference_tokenizer = load_tokenizer(reference_path, recipe.model.trust_remote_code)
+    if reference_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"the reference model {reference_path} has another vocabulary than the policy "
+                         f"{policy_path}; DPO compares their log-probs token by token")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    reference = load_model(reference_path, recipe.model.trust_remote_code, recipe.model.attn_implementation,
+                           device_type=device.type).to(device).eval()
+    row_tokens = recipe.tokenize.max_seq_tokens
+    stats: dict = {"reference_seconds": 0.0}
+    for split, info in dataset_manifest["splits"].items():
+        split_stats, rows = tokenize_pairs(tokenizer, info["uris"], max_seq_tokens=row_tokens,
+                                           max_reject_fraction=recipe.tokenize.max_reject_fraction)
+        if not rows:
+            raise ValueError(f"no {split} pair survived tokenization: {split_stats['num_dropped_too_long']} longer "
+                             f"than tokenize.max_seq_tokens={row_tokens} (a pair's two sequences share a row), "
+                             f"{split_stats['num_no_trained_tokens']} without a trained token")
+        start = time.perf_counter()
+        add_reference_logps(reference, rows, row_tokens=row_tokens, pad_id=tokenizer.pad_token_id,
+                            batch_rows=max(1, recipe.train.micro_batch_tokens // row_tokens))
+        stats["reference_seconds"] += time.perf_counter() - start
+        stats[split] = {**split_stats, "uris": write_pair_rows(rows, subdir(run_root, "tokens", split))}
+        print(f"tokenize {split}: {split_stats['num_packed_pairs']} pairs -> {split_stats['num_rows']} rows, "
+              f"packing efficiency {split_stats['packing_efficiency']:.3f}")
+    first = pq.read_table(stats["train"]["uris"][0]).slice(0, 1).to_pylist()[0]
+    pair_end = next((i for i, s in enumerate(first["sequence_ids"]) if s > 1), len(first["input_ids"]))
+    stats["example"] = example_masked_text(tokenizer, first["input_ids"][:pair_end], first["labels"][:pair_end])
+    stats["packing_efficiency"] = stats["train"]["packing_efficiency"]
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss: the "dpo" objective
+# ---------------------------------------------------------------------------------------------
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, *, beta: float, loss: str = "sigmoid", label_smoothing: float = 0.0,
+             chosen_tokens: torch.Tensor | None = None, rejected_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-pair losses from sequence log-probs (sums over each response's trained tokens).
+
+    ``ipo`` divides each log-ratio by its response's trained tokens (``chosen_tokens``,
+    ``rejected_tokens``), as TRL does.
+
+    >>> zero = torch.zeros(1)
+    >>> round(float(dpo_loss(zero, zero, zero, zero, beta=0.1)), 6)  # log 2: policy == reference
+    0.693147
+    >>> float(dpo_loss(zero, zero, zero, zero, beta=0.5, loss="ipo", chosen_tokens=torch.ones(1),
+    ...                rejected_tokens=torch.ones(1)))  # (0 - 1 / (2 * 0.5)) ** 2
+    1.0
+    """
+    chosen_logratios = policy_chosen - ref_chosen
+    rejected_logratios = policy_rejected - ref_rejected
+    if loss == "sigmoid":
+        delta = beta * (chosen_logratios - rejected_logratios)
+        return -(1 - label_smoothing) * F.logsigmoid(delta) - label_smoothing * F.logsigmoid(-delta)
+    if loss == "ipo":
+        if chosen_tokens is None or rejected_tokens is None:
+            raise ValueError("the ipo loss needs chosen_tokens and rejected_tokens")
+        delta = chosen_logratios / chosen_tokens.clamp(min=1) - rejected_logratios / rejected_tokens.clamp(min=1)
+        return (delta - 1 / (2 * beta)) ** 2
+    raise ValueError(f"unknown DPO loss {loss!r} (known: sigmoid, ipo)")
+
+
+class DPOLoss(torch.nn.Module):
+    """A causal LM whose forward returns the summed DPO loss and metrics of a batch of pair rows.
+
+    Returns sums over the batch's pairs (the trainer divides them by the step's pairs):
+    ``loss``, ``reward_accuracy`` (pairs whose chosen reward beats the rejected one, as TRL's
+    ``rewards/accuracies``), ``reward_margin`` (``beta * delta``), ``chosen_logps`` and
+    ``rejected_logps`` (the policy's sequence log-probs).
+    """
+
+    def __init__(self, model: torch.nn.Module, config: DPOConfig, *, real_vocab: int | None = None):
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.real_vocab = real_vocab
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor,
+                sequence_ids: torch.Tensor, ref_logps: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+        policy, pair_mask = sequence_sums(token_logps(mask_padded_logits(logits, self.real_vocab), labels,
+                                                      position_ids), sequence_ids)
+        reference, _ = sequence_sums(ref_logps.float(), sequence_ids)
+        num_tokens, _ = sequence_sums(_target_mask(labels, position_ids), sequence_ids)
+        c = self.config
+        losses = dpo_loss(policy[..., 0], policy[..., 1], reference[..., 0], reference[..., 1], beta=c.beta,
+                          loss=c.loss, label_smoothing=c.label_smoothing, chosen_tokens=num_tokens[..., 0],
+                          rejected_tokens=num_tokens[..., 1])
+        if c.sft_weight:  # RPO: plus the chosen answer's mean token NLL
+            losses = losses - c.sft_weight * policy[..., 0] / num_tokens[..., 0].clamp(min=1)
+        with torch.no_grad():
+            rewards = c.beta * (policy - reference)
+            margin = rewards[..., 0] - rewards[..., 1]
+        keep = pair_mask.float()
+        return {"loss": (losses * keep).sum(),
+                "reward_accuracy": ((margin > 0).float() * keep).sum(),
+                "reward_margin": (margin * keep).sum(),
+                "chosen_logps": (policy[..., 0].detach() * keep).sum(),
+                "rejected_logps": (policy[..., 1].detach() * keep).sum()}
+
+
+def num_pairs(sequence_ids: torch.Tensor) -> int:
+    """Pairs in a batch of pair rows (each chosen sequence starts one)."""
+    return int(((sequence_ids.max(dim=1).values + 1) // 2).sum())
+
+
+class DPOObjective:
+    """The ``dpo`` training objective (see ``steps.objectives``): the mean DPO loss over a step's pairs."""
+
+    columns = ("input_ids", "labels", "position_ids", "sequence_ids", "ref_logps")
+
+    def __init__(self, recipe: Recipe, inputs: dict | None = None, device: torch.device | None = None):
+        self.config = recipe.dpo  # the reference log-probs come with the rows: no model to load
+
+    def collate(self, rows: Sequence[dict], row_tokens: int, pad_id: int) -> dict[str, torch.Tensor]:
+        return collate_pair_rows(rows, row_tokens, pad_id)
+
+    def count(self, step_batch: dict[str, torch.Tensor]) -> int:
+        return num_pairs(step_batch["sequence_ids"])
+
+    def module(self, model: torch.nn.Module, *, real_vocab: int | None,
+               chunk_tokens: int | None) -> torch.nn.Module:
+        if chunk_tokens:
+            # Not implemented for DPO yet: it would need per-token log-probs from hidden states in chunks.
+            warn_ignored("train.chunked_ce", "the dpo objective computes the full logits")
+        return DPOLoss(model, self.config, real_vocab=real_vocab)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: held-out pairs, then the SFT task metrics (steps.evaluate)
+# ---------------------------------------------------------------------------------------------
+
+def preference_metrics(model, token_uris: list[str], *, row_tokens: int, pad_id: int, batch_rows: int = 8,
+                       config: DPOConfig) -> dict:
+    """DPO loss, reward accuracy and margin, and the chosen / rejected log-probs on held-out pair rows.
+
+    The same :class:`DPOLoss` as training, averaged over every held-out pair. The reference is the
+    one whose log-probs the rows carry, so the starting policy scores ``reward_accuracy`` 0 and
+    ``dpo_loss`` log 2 (sigmoid): every reward is 0.
+    """
+    loss_module = DPOLoss(model, config)
+    rows = [row for uri in token_uris for row in pq.read_table(uri).to_pylist()]
+    sums: Counter[str] = Counter()
+    num = 0
+    with torch.no_grad():
+        for chunk in _batches(rows, batch_rows):
+            batch = collate_pair_rows(chunk, row_tokens, pad_id)
+            num += num_pairs(batch["sequence_ids"])
+            for name, value in loss_module(**batch).items():
+                sums[name] += float(value)
+    if num == 0:
+        raise ValueError(f"no pairs in the eval token shards {list(token_uris)}")
+    return {"dpo_loss": sums.pop("loss") / num, **{name: value / num for name, value in sums.items()},
+            "num_eval_pairs": num}
+
+
+def evaluate_target(recipe: Recipe, target: dict, dataset_manifest: dict, token_stats: dict, run_root: str, *,
+                    num_parallel_tasks: int = 1) -> dict:
+    """``steps.evaluate.evaluate_target`` with :func:`preference_metrics` for the held-out part."""
+    import functools
+
+    from steps import evaluate
+
+    return evaluate.evaluate_target(recipe, target, dataset_manifest, token_stats, run_root,
+                                    num_parallel_tasks=num_parallel_tasks,
+                                    heldout=functools.partial(preference_metrics, config=recipe.dpo))
+
+
+# ---------------------------------------------------------------------------------------------
+# The starting policy
+# ---------------------------------------------------------------------------------------------
+
+def resolve_model(spec: str, recipe: Recipe, dest: str | Path, *, fall_back_to_base: bool = False
+                  ) -> tuple[str, dict | None]:
+    """``dpo.policy`` / ``dpo.reference`` -> ``(local folder, registry version or None)``.
+
+    As :func:`steps.models.resolve_model_ref`; with ``fall_back_to_base``, a ``registry:NAME``
+    (no ``@``) that has no version yet gives ``model.base`` instead of failing.
+    """
+    from steps.models import REGISTRY_PREFIX, resolve_base_model, resolve_model_ref
+    from steps.registry import NotFoundError
+
+    try:
+        return resolve_model_ref(spec, recipe, dest)
+    except NotFoundError:
+        if not fall_back_to_base or "@" in spec[len(REGISTRY_PREFIX):]:
+            raise
+    print(f"{spec}: no version in {recipe.registry_root}; starting from model.base {recipe.model.base}")
+    return str(resolve_base_model(recipe.model.base, recipe.storage_root)), None
+
+
+def starting_models(recipe: Recipe, run_root: str) -> dict:
+    """The policy to train and the reference to compare with, for the flow's ``start`` step.
+
+    Returns ``{"policy_path", "reference_path", "parent"}`` where ``parent`` is the registry
+    version the policy came from (None for ``model.base``).
+    """
+    policy_path, parent = resolve_model(recipe.dpo.policy, recipe, Path(run_root) / "policy", fall_back_to_base=True)
+    reference_path = policy_path
+    if recipe.dpo.reference is not None:
+        reference_path, _ = resolve_model(recipe.dpo.reference, recipe, Path(run_root) / "reference")
+    return {"policy_path": policy_path, "reference_path": reference_path, "parent": parent}
+
+
+PREFERENCE_METRICS = ("reward_accuracy", "reward_margin", "dpo_loss", "chosen_logps", "rejected_logps")
+
+
+def summary(recipe: Recipe, name: str, version: int, uri: str, eval_metrics: list[dict], best: dict,
+            promotion: dict) -> str:
+    """``steps.publish.summary`` plus the held-out preference metrics of the starting policy and the model."""
+    from steps import publish
+
+    baseline = next((row for row in eval_metrics if row["checkpoint"] == "base"), {})
+    lines = [f"{'held-out pairs':<26}{'start':>10}{'model':>10}"]
+    lines += [f"{k:<26}{baseline.get(k, float('nan')):>10.4f}{best[k]:>10.4f}" for k in PREFERENCE_METRICS
+              if k in best]
+    return publish.summary(recipe, name, version, uri, eval_metrics, best, promotion) + "\n" + "\n".join(lines)
