@@ -2,11 +2,13 @@
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("METAFLOW_USER", "posttrain-tests")
+# The session's default run trains in the background while other tests run (see BackgroundRun):
+# OpenMP threads that spin while a sibling waits for a core would burn the core that sibling needs.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # metaflow.Runner imports metaflow's vendored (old) typing_extensions, which replaces
 # typing._collect_parameters for the whole process with a version that rejects TypeVar defaults;
@@ -103,3 +108,116 @@ def s3_bucket(s3_endpoint) -> str:
     name = f"test-{uuid.uuid4().hex[:12]}"
     s3_client().create_bucket(Bucket=name)
     return name
+
+
+# --------------------------------------------------------------------------------------------
+# The session's default run: `python flows/sft_flow.py run`, started in the background
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    """A finished SFTFlow run that several tests inspect. Read it; never register into it."""
+
+    pathspec: str
+    sysroot: Path
+    """Its Metaflow datastore (``METAFLOW_DATASTORE_SYSROOT_LOCAL``), cards included."""
+    storage: Path
+    """Its posttrain storage: run roots, the builtin model, ``registry/``."""
+
+    @property
+    def env(self) -> dict:
+        """The environment that points a Metaflow Client (a notebook kernel) at this run."""
+        return {"METAFLOW_DATASTORE_SYSROOT_LOCAL": str(self.sysroot)}
+
+    def client_run(self):
+        """The run through the Metaflow Client, which is pointed at this run's datastore first
+        (other tests point it elsewhere in between)."""
+        from metaflow import Run, metadata, namespace
+
+        metadata(f"local@{self.sysroot}")
+        namespace(None)
+        return Run(self.pathspec)
+
+
+class BackgroundRun:
+    """``python flows/sft_flow.py run`` (the embedded default recipe) in a child process.
+
+    It runs from ``<root>/metaflow``, which holds its datastore, so that its cards land where the
+    card client reads them (see ``test_flow.run_flow``); its files go to ``<root>/storage``.
+    """
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.sysroot = root / "metaflow"
+        (self.sysroot / ".metaflow").mkdir(parents=True)
+        self.log_path = root / "run.log"
+        env = {**os.environ, "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(self.sysroot),
+               "POSTTRAIN_STORAGE": str(root / "storage"), "METAFLOW_USER": "posttrain-tests",
+               "HF_HUB_OFFLINE": "1"}
+        with open(self.log_path, "wb") as log:
+            # A session of its own, so that stop() reaches the flow's tasks and torchrun too.
+            # Niced: the tests in the foreground are chains of short processes that wait on each
+            # other; this run is one long computation that can take whatever they leave idle.
+            nice = ["nice", "-n", "10"] if shutil.which("nice") else []
+            self.proc = subprocess.Popen(
+                [*nice, sys.executable, str(PROJECT_ROOT / "flows" / "sft_flow.py"), "run",
+                 "--run-id-file", str(root / "run-id")],
+                cwd=self.sysroot, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait(self, timeout_s: float = 3600) -> FinishedRun:
+        """Block until the run ends; fail with the end of its log unless it succeeded."""
+        returncode = self.proc.wait(timeout=timeout_s)
+        log = self.log_path.read_text(errors="replace")
+        assert returncode == 0, f"the default run failed (exit {returncode}):\n{log[-8000:]}"
+        run_id = (self.root / "run-id").read_text().strip()
+        return FinishedRun(pathspec=f"SFTFlow/{run_id}", sysroot=self.sysroot, storage=self.root / "storage")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=60)
+
+
+_background: dict[str, BackgroundRun] = {}
+
+
+def _start_default_run(tmp_path_factory: pytest.TempPathFactory) -> BackgroundRun:
+    if "default" not in _background:
+        _background["default"] = BackgroundRun(tmp_path_factory.mktemp("default-run"))
+    return _background["default"]
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own reordering by fixture scope
+def pytest_collection_modifyitems(config, items):
+    """Run the tests that inspect the default run last: it is made in the background meanwhile."""
+    items.sort(key=lambda item: "default_run" in item.fixturenames)  # stable: keeps the order
+
+
+def pytest_collection_finish(session):
+    """Start the default run as soon as the session knows that a selected test needs it.
+
+    It is the longest thing in the suite (~6.5 min on 2 cores, mostly one training process), and
+    the rest of the suite (flows that mostly wait on process start-up, unit tests) runs meanwhile,
+    so the two share the cores instead of taking turns.
+    """
+    needed = any("default_run" in item.fixturenames for item in session.items)
+    if needed and not session.config.option.collectonly:
+        # The object behind the tmp_path_factory fixture (no fixture can be requested from a hook).
+        _start_default_run(session.config._tmp_path_factory)
+
+
+def pytest_sessionfinish(session):
+    for run in _background.values():
+        run.stop()  # only if still running: the session was interrupted or stopped early (-x)
+
+
+@pytest.fixture(scope="session")
+def default_run(tmp_path_factory) -> FinishedRun:
+    """The embedded default recipe, run once per session as `python flows/sft_flow.py run` runs
+    it (no --config; ``$POSTTRAIN_STORAGE`` keeps its files in the session's temporary folder).
+
+    The acceptance test needs this run anyway (it learns the task); the tests that only need
+    *a* finished run (cards, notebooks, artifacts, the registered model) inspect it instead of
+    making runs of their own.
+    """
+    return _start_default_run(tmp_path_factory).wait()

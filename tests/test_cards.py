@@ -1,19 +1,19 @@
 """Card content (steps/cards.py) on exact inputs, and the cards of a real SFTFlow run.
 
-The end-to-end run (``sft_run``) is made once per test session and shared with
-tests/test_notebooks.py, which executes the notebooks against it.
+The run is the session's default run (``default_run`` in tests/conftest.py), shared with
+tests/test_notebooks.py and tests/test_flow.py.
 """
 
 import base64
 import json
 import re
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from steps import cards
+from test_flow import tiny_recipe  # noqa: F401  (lived here before; other tests may import it from here)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CURVE = [{"step": 4, "loss": 2.5, "lr": 1e-3, "tokens_per_s": 900.0},
@@ -56,64 +56,7 @@ def test_promotion_markdown_states_the_decision():
 
 
 # --------------------------------------------------------------------------------------------
-# A real run, shared by the card and notebook tests
-
-
-
-def run_sft(recipe_path: Path, sysroot: Path, **run_kwargs):
-    """Run SFTFlow like ``test_flow.run_flow``, but from ``sysroot`` so that its cards can be read.
-
-    A local run writes its cards under ``<cwd>/.metaflow/mf.cards`` (the nearest ``.metaflow``
-    folder), and the card client reads them from ``<datastore>/mf.cards``. Running from the
-    folder that holds the datastore makes the two the same place, as ``python flows/sft_flow.py
-    run`` from the repository root does with the default ``./.metaflow``.
-    """
-    from metaflow import Runner
-    from test_flow import FLOW
-
-    env = {"METAFLOW_DATASTORE_SYSROOT_LOCAL": str(sysroot), "METAFLOW_USER": "posttrain-tests",
-           "HF_HUB_OFFLINE": "1"}
-    (sysroot / ".metaflow").mkdir(parents=True, exist_ok=True)
-    with Runner(str(FLOW), show_output=False, env=env, cwd=str(sysroot),
-                config=[("recipe", str(recipe_path))]) as runner:
-        result = runner.run(**run_kwargs)
-        assert result.status == "successful", result.stdout[-4000:] + result.stderr[-8000:]
-        return result.run
-
-
-def tiny_recipe(root: Path, **overrides) -> Path:
-    """``test_flow.small_recipe`` cut to 12 steps (checkpoints at 6 and 12) to keep the session short.
-
-    ``overrides`` are merged into the sections: ``tiny_recipe(root, train={"fail_at_step": 9})``.
-    """
-    from test_flow import small_recipe
-
-    sections = {"data": {"builtin_num_conversations": 400, "eval_fraction": 0.1},
-                "train": {"micro_batch_tokens": 2048, "global_batch_tokens": 2048, "max_steps": 12,
-                          "warmup_steps": 2, "lr": 3e-3, "save_every_steps": 6, "log_every_steps": 2},
-                "evaluate": {"num_task_prompts": 8, "max_new_tokens": 16, "generation_batch_size": 8}}
-    for key, value in overrides.items():
-        sections[key] = {**sections[key], **value} if isinstance(value, dict) and key in sections else value
-    return small_recipe(root, **sections)
-
-
-_RUN_CACHE: dict = {}
-
-
-@pytest.fixture(scope="session")
-def sft_run(tmp_path_factory, builtin_model_dir):
-    """One small SFTFlow run, made once per session: ``{"pathspec", "sysroot", "storage", "env"}``."""
-    if "run" not in _RUN_CACHE:
-        from metaflow import metadata
-
-        root = tmp_path_factory.mktemp("sft-run")
-        sysroot = root / "metaflow"
-        run = run_sft(tiny_recipe(root), sysroot)
-        metadata(f"local@{sysroot}")
-        _RUN_CACHE["run"] = {"pathspec": run.pathspec, "sysroot": str(sysroot), "storage": str(root / "storage"),
-                             "env": {"METAFLOW_DATASTORE_SYSROOT_LOCAL": str(sysroot)}}
-    return _RUN_CACHE["run"]
-
+# The cards of a real run: the session's default run (tests/conftest.py, ``default_run``)
 
 def card_html(task) -> list[str]:
     from metaflow.cards import get_cards
@@ -140,11 +83,8 @@ def external_fetches(html: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_cards_of_a_run_hold_png_plots_and_tables(sft_run):
-    from metaflow import Run, namespace
-
-    namespace(None)
-    run = Run(sft_run["pathspec"])
+def test_cards_of_a_run_hold_png_plots_and_tables(default_run):
+    run = default_run.client_run()
     expected = {"tokenize": (2, "Packing efficiency"), "train": (2, "tokens/s"),
                 "join_evaluate": (2, "Best checkpoint"), "register": (0, "catalog-assistant v1: promoted")}
     for step_name, (num_images, text) in expected.items():
@@ -165,5 +105,6 @@ def test_cards_of_a_run_hold_png_plots_and_tables(sft_run):
             assert external_fetches(html) == [], step_name
     tables = [c for c in card_components(card_html(run["register"].task)[0]) if c["type"] == "table"]
     data = run["end"].task.data
-    assert [row[0] for row in tables[0]["data"]] == ["base", "step-000006", "step-000012"]
+    assert [row[0] for row in tables[0]["data"]] == ["base", "step-000100", "step-000200", "step-000300",
+                                                      "step-000400"]
     assert data.promotion["promoted"] is True and data.model_version == 1

@@ -1,5 +1,6 @@
 """The SFT flow end to end with metaflow.Runner on a small recipe, and its code package."""
 
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -28,14 +29,38 @@ def small_recipe(tmp_path: Path, **overrides) -> Path:
     return path
 
 
-def run_flow(recipe_path: Path | None, sysroot: Path, env: dict | None = None, **run_kwargs):
-    """Run SFTFlow with ``recipe_path`` (None: the default recipe) through metaflow.Runner."""
+def tiny_recipe(root: Path, **overrides) -> Path:
+    """``small_recipe`` cut to 12 steps (checkpoints at 6 and 12) on 400 conversations: for tests
+    of the plumbing around training, where the model only has to exist.
+
+    ``overrides`` are merged into the sections: ``tiny_recipe(root, train={"fail_at_step": 9})``.
+    """
+    sections = {"data": {"builtin_num_conversations": 400, "eval_fraction": 0.1},
+                "train": {"micro_batch_tokens": 2048, "global_batch_tokens": 2048, "max_steps": 12,
+                          "warmup_steps": 2, "lr": 3e-3, "save_every_steps": 6, "log_every_steps": 2},
+                "evaluate": {"num_task_prompts": 8, "max_new_tokens": 16, "generation_batch_size": 8}}
+    for key, value in overrides.items():
+        sections[key] = {**sections[key], **value} if isinstance(value, dict) and key in sections else value
+    return small_recipe(root, **sections)
+
+
+def run_flow(recipe_path: Path | None, sysroot: Path, env: dict | None = None, *, flow: Path = FLOW,
+             **run_kwargs):
+    """Run SFTFlow (or the flow file ``flow``) with ``recipe_path`` (None: the default recipe)
+    through metaflow.Runner.
+
+    It runs from ``sysroot``, the folder that holds the datastore: a local run writes its cards
+    under ``<cwd>/.metaflow/mf.cards`` (the nearest ``.metaflow`` folder) and the card client
+    reads ``<datastore>/mf.cards``, so this makes them one place, as ``python flows/sft_flow.py
+    run`` from the repository root does with the default ``./.metaflow``.
+    """
     from metaflow import Runner
 
     env = {"METAFLOW_DATASTORE_SYSROOT_LOCAL": str(sysroot), "METAFLOW_USER": "posttrain-tests",
            "HF_HUB_OFFLINE": "1", **(env or {})}
     config = {"config": [("recipe", str(recipe_path))]} if recipe_path else {}
-    with Runner(str(FLOW), show_output=False, env=env, cwd=str(PROJECT_ROOT), **config) as runner:
+    (Path(sysroot) / ".metaflow").mkdir(parents=True, exist_ok=True)
+    with Runner(str(flow), show_output=False, env=env, cwd=str(sysroot), **config) as runner:
         result = runner.run(**run_kwargs)
         assert result.status == "successful", result.stdout[-4000:] + result.stderr[-8000:]
         return result.run
@@ -54,34 +79,36 @@ def assert_loads_and_generates(model_dir: Path) -> None:
 
 
 @pytest.mark.slow
-def test_sft_flow_end_to_end_registers_versions_1_then_2(tmp_path, metaflow_env):
-    from metaflow import Flow, namespace
-
-    recipe = small_recipe(tmp_path)
-    run_flow(recipe, metaflow_env)
-    namespace(None)
-    run = Flow("SFTFlow").latest_successful_run
+def test_sft_flow_end_to_end_registers_versions_1_then_2(tmp_path, metaflow_env, default_run):
+    """The default run registered v1 with all its artifacts; a second (tiny) run on a copy of
+    that registry takes v2 and leaves v1 as it was."""
+    run = default_run.client_run()
     register = run["register"].task.data
     assert register.model_name == "catalog-assistant" and register.model_version == 1
     model_uri = Path(register.model_uri)
+    assert model_uri == default_run.storage / "registry" / "catalog-assistant" / "versions" / "1"
     assert (model_uri / "manifest.json").exists() and (model_uri / "model.safetensors").exists()
 
     end = run["end"].task.data
     assert end.dataset_manifest["num_valid"] > 0 and end.dataset_manifest["fingerprint"]
     assert end.token_stats["train"]["num_rows"] > 0
-    assert [Path(c).name for c in end.checkpoints] == ["step-000012", "step-000024"]
-    assert [row["step"] for row in end.train_curve][-1] == 24
-    assert {row["checkpoint"] for row in end.eval_metrics} == {"base", "step-000012", "step-000024"}
-    assert end.best_checkpoint["checkpoint"] in {"step-000012", "step-000024"}
-    assert end.lineage["recipe"]["name"] == "sft-ci"
+    checkpoints = ["step-000100", "step-000200", "step-000300", "step-000400"]
+    assert [Path(c).name for c in end.checkpoints] == checkpoints
+    assert [row["step"] for row in end.train_curve][-1] == 400
+    assert {row["checkpoint"] for row in end.eval_metrics} == {"base", *checkpoints}
+    assert end.best_checkpoint["checkpoint"] in checkpoints
+    assert end.lineage["recipe"]["name"] == "sft-tiny"
 
     assert_loads_and_generates(model_uri)
 
-    v1_manifest = (model_uri / "manifest.json").read_bytes()
-    run_flow(recipe, metaflow_env)
-    second = Flow("SFTFlow").latest_successful_run["register"].task.data
-    assert second.model_version == 2 and second.model_uri != register.model_uri
-    assert (model_uri / "manifest.json").read_bytes() == v1_manifest
+    registry = tmp_path / "registry"
+    shutil.copytree(default_run.storage / "registry", registry)
+    v1_manifest = (registry / "catalog-assistant" / "versions" / "1" / "manifest.json").read_bytes()
+    second_run = run_flow(tiny_recipe(tmp_path, register={"registry_root": str(registry)}), metaflow_env)
+    second = second_run["register"].task.data
+    assert second.model_version == 2
+    assert second.model_uri == str(registry / "catalog-assistant" / "versions" / "2")
+    assert (registry / "catalog-assistant" / "versions" / "1" / "manifest.json").read_bytes() == v1_manifest
 
 
 def test_code_package_carries_steps(tmp_path, metaflow_env):
@@ -96,20 +123,16 @@ def test_code_package_carries_steps(tmp_path, metaflow_env):
 
 
 @pytest.mark.slow
-def test_default_recipe_learns_the_catalog_task(tmp_path, metaflow_env):
+def test_default_recipe_learns_the_catalog_task(default_run):
     """The embedded default, as `python flows/sft_flow.py run` runs it: the registered model's
     task score is at least 0.5, and at least 0.4 above the untrained base model's."""
-    from metaflow import namespace
-
-    run = run_flow(None, metaflow_env, env={"POSTTRAIN_STORAGE": str(tmp_path / "storage")})
-    namespace(None)
-    data = run["end"].task.data
+    data = default_run.client_run()["end"].task.data
     base = next(row for row in data.eval_metrics if row["checkpoint"] == "base")
     best = data.best_checkpoint
     print({"base": base["task_score"], "best": best["task_score"], "checkpoint": best["checkpoint"]})
     assert best["task_score"] >= 0.5
     assert best["task_score"] - base["task_score"] >= 0.4
-    assert data.model_version == 1 and Path(data.model_uri).is_relative_to(tmp_path / "storage")
+    assert data.model_version == 1 and Path(data.model_uri).is_relative_to(default_run.storage)
     assert data.token_stats["train"]["num_rows"] > 2000
 
 
@@ -124,7 +147,7 @@ def test_sft_flow_registers_to_an_s3_registry(tmp_path, metaflow_env, s3_bucket)
     from steps.registry import Registry
 
     registry_root = f"s3://{s3_bucket}/registry"
-    recipe = small_recipe(tmp_path, register={"registry_root": registry_root})
+    recipe = tiny_recipe(tmp_path, register={"registry_root": registry_root})
     s3_env = {key: os.environ[key] for key in (
         "METAFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
     run = run_flow(recipe, metaflow_env, env=s3_env)

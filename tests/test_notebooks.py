@@ -6,7 +6,6 @@ import nbformat
 import pytest
 
 from conftest import PROJECT_ROOT
-from test_cards import sft_run  # noqa: F401  (the session's shared SFTFlow run)
 
 NOTEBOOKS = PROJECT_ROOT / "notebooks"
 
@@ -49,10 +48,10 @@ def outputs_of(notebook) -> tuple[str, int]:
 
 
 @pytest.mark.slow
-def test_inspect_run_executes_against_the_run(sft_run):  # noqa: F811
-    notebook = execute("inspect_run", {**sft_run["env"], "POSTTRAIN_RUN": sft_run["pathspec"]})
+def test_inspect_run_executes_against_the_run(default_run):
+    notebook = execute("inspect_run", {**default_run.env, "POSTTRAIN_RUN": default_run.pathspec})
     text, num_png = outputs_of(notebook)
-    assert sft_run["pathspec"] in text
+    assert default_run.pathspec in text
     assert "<mark>" in text  # the masked conversation, trained tokens highlighted
     # 2 length histograms + loss + lr + task_score and eval_loss across checkpoints
     assert num_png == 6
@@ -60,10 +59,10 @@ def test_inspect_run_executes_against_the_run(sft_run):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_compare_runs_executes_side_by_side(sft_run):  # noqa: F811
-    # One run compared with itself: the test session makes a single SFTFlow run (a second costs
+def test_compare_runs_executes_side_by_side(default_run):
+    # One run compared with itself: the test session shares a single SFTFlow run (a second costs
     # minutes on CI); the notebook does not care whether the two pathspecs differ.
-    pair = f"{sft_run['pathspec']},{sft_run['pathspec']}"
-    notebook = execute("compare_runs", {**sft_run["env"], "POSTTRAIN_RUNS": pair})
+    pair = f"{default_run.pathspec},{default_run.pathspec}"
+    notebook = execute("compare_runs", {**default_run.env, "POSTTRAIN_RUNS": pair})
     text, num_png = outputs_of(notebook)
     assert num_png == 3 and "the two recipes are the same" in text

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from test_cards import tiny_recipe
-from test_flow import FLOW
+from test_flow import FLOW, tiny_recipe
 
 
 @pytest.mark.slow

@@ -90,7 +90,7 @@ def test_argo_workflow_template_has_the_schedule_and_the_parallel_jobset(s3_buck
 @pytest.mark.slow
 def test_retrain_on_two_drops_promotes_as_the_gate_says_then_refuses_without_new_data(tmp_path, builtin_model_dir):
     from metaflow import Run, Runner, metadata, namespace
-    from test_cards import tiny_recipe
+    from test_flow import tiny_recipe
 
     drops = tmp_path / "drops"
     write_drop(drops / "2026-01-01.jsonl", 400, seed=1)
