@@ -53,10 +53,19 @@ def prepare(work: Path, num_conversations: int):
     return model_dir, stats["train"]["uris"]
 
 
+# Our trainer's contenders: name -> the recipe's train options that differ from the plain path.
+POSTTRAIN_VARIANTS = {
+    "posttrain": {},
+    # Projects only the trained positions onto the vocabulary (one chunk per micro-batch).
+    "posttrain-trained-ce": {"chunked_ce": "on"},
+    # torch.compile of each decoder layer (inductor's C++ backend on CPU); compilation is in step 1.
+    "posttrain-compile": {"compile": True},
+}
+
+
 def bench_posttrain(work: Path, model_dir: Path, uris: list[str], steps: int, rows: int, threads: int,
-                    trained_positions_ce: bool = False) -> float:
-    """Our trainer; ``trained_positions_ce`` projects only the trained positions onto the
-    vocabulary (``train.chunked_ce: on`` with one chunk per micro-batch) instead of all of them."""
+                    name: str = "posttrain") -> float:
+    """Our trainer, with the recipe options of ``POSTTRAIN_VARIANTS[name]``."""
     from steps import checkpoint, train
     from steps.config import recipe_from_dict, recipe_to_dict
     from steps.models import load_tokenizer
@@ -66,9 +75,8 @@ def bench_posttrain(work: Path, model_dir: Path, uris: list[str], steps: int, ro
     recipe = recipe_from_dict({"seed": 0, "tokenize": {"max_seq_tokens": ROW_TOKENS}, "train": {
         "micro_batch_tokens": batch_tokens, "global_batch_tokens": batch_tokens, "max_steps": steps,
         "warmup_steps": WARMUP_STEPS, "lr": LR, "save_every_steps": steps, "log_every_steps": steps,
-        "num_threads": threads, "dtype": "float32",
-        "chunked_ce": "on" if trained_positions_ce else "off", "ce_chunk_tokens": batch_tokens}})
-    name = "posttrain-trained-ce" if trained_positions_ce else "posttrain"
+        "num_threads": threads, "dtype": "float32", "chunked_ce": "off", "ce_chunk_tokens": batch_tokens,
+        **POSTTRAIN_VARIANTS[name]}})
     spec = train.TrainSpec(recipe=recipe_to_dict(recipe), base_model=str(model_dir), token_uris=uris,
                            checkpoint_root=str(work / f"{name}-ckpt"), resume_roots=[],
                            pad_id=load_tokenizer(model_dir).pad_token_id)
@@ -170,7 +178,7 @@ def main() -> None:
     parser.add_argument("--rows-per-step", type=int, default=8, help="packed rows of 256 tokens per step")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--num-conversations", type=int, default=2000)
-    parser.add_argument("--contenders", default="posttrain,posttrain-trained-ce,hf-trainer,trl-sft")
+    parser.add_argument("--contenders", default=",".join([*POSTTRAIN_VARIANTS, "hf-trainer", "trl-sft"]))
     args = parser.parse_args()
 
     import torch
@@ -181,11 +189,9 @@ def main() -> None:
         work = Path(tmp)
         model_dir, uris = prepare(work, args.num_conversations)
         for name in args.contenders.split(","):
-            if name == "posttrain":
-                results[name] = bench_posttrain(work, model_dir, uris, args.steps, args.rows_per_step, args.threads)
-            elif name == "posttrain-trained-ce":
+            if name in POSTTRAIN_VARIANTS:
                 results[name] = bench_posttrain(work, model_dir, uris, args.steps, args.rows_per_step, args.threads,
-                                                trained_positions_ce=True)
+                                                name)
             elif name == "hf-trainer":
                 results[name] = bench_hf_trainer(work, model_dir, uris, args.steps, args.rows_per_step)
             elif name == "trl-sft":

@@ -27,8 +27,6 @@ import shutil
 import uuid
 from pathlib import Path
 
-import torch
-
 STATE_FILE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
@@ -91,6 +89,8 @@ def read_state(path: Path) -> dict:
 
 
 def save_rng(folder: Path, rank: int) -> None:
+    import torch
+
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -98,6 +98,8 @@ def save_rng(folder: Path, rank: int) -> None:
 
 
 def load_rng(folder: Path, rank: int) -> None:
+    import torch
+
     path = folder / f"rng-rank{rank}.pt"
     if not path.exists():  # resumed on more ranks than saved: keep the seeded state
         return
@@ -146,10 +148,12 @@ def save_weights(model, folder: Path, *, is_writer: bool, layout: str = "full",
 
 def _save_pretrained(model, folder: Path, state_dict: dict | None, real_vocab: int | None) -> None:
     """``save_pretrained``, cutting the embedding and LM head back to ``real_vocab`` rows."""
+    from steps.models import save_model
+
     embed = model.get_input_embeddings().weight
     padded = embed.shape[0]
     if real_vocab is None or padded == real_vocab:
-        model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
+        save_model(model, folder, state_dict)
         return
     if state_dict is None:
         state_dict = _without_tied_aliases(model, {k: v.detach() for k, v in model.state_dict().items()})
@@ -159,7 +163,7 @@ def _save_pretrained(model, folder: Path, state_dict: dict | None, real_vocab: i
     state_dict = {k: v[:real_vocab] if k in vocab_names else v for k, v in state_dict.items()}
     model.config.vocab_size = real_vocab
     try:
-        model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
+        save_model(model, folder, state_dict)
     finally:
         model.config.vocab_size = padded
 
@@ -194,6 +198,8 @@ def load_weights(model, folder: Path) -> None:
 
 def save_optimizer(model, optimizer, folder: Path, *, is_writer: bool, sharded: bool) -> None:
     """``optimizer.pt`` from the writer, or (``sharded``, FSDP2) each rank's shard via torch DCP."""
+    import torch
+
     if sharded:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
@@ -205,6 +211,8 @@ def save_optimizer(model, optimizer, folder: Path, *, is_writer: bool, sharded: 
 
 def load_optimizer(model, optimizer, folder: Path, *, sharded: bool, device) -> None:
     """Restore what :func:`save_optimizer` wrote (DCP reshards to the current world size)."""
+    import torch
+
     if not sharded:
         optimizer.load_state_dict(torch.load(Path(folder) / "optimizer.pt", weights_only=True, map_location=device))
         return
@@ -277,11 +285,11 @@ def export_model(path: Path, dest: Path) -> Path:
 def _export_merged(path: Path, dest: Path) -> Path:
     from peft import PeftModel
 
-    from steps.models import load_model
+    from steps.models import load_model, save_model
 
     base_path = json.loads((path / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
     merged = PeftModel.from_pretrained(load_model(base_path), str(path)).merge_and_unload()
-    merged.save_pretrained(dest, safe_serialization=True)
+    save_model(merged, dest)
     for file in model_files(path):
         if not file.name.startswith(("adapter_", "README")):
             shutil.copy2(file, dest / file.name)

@@ -29,10 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
-import torch
 
-from steps.losses import IGNORE_INDEX, shifted_targets, token_loss_sum
-from steps.packing import collate_rows
+# torch and the model code are imported where they are used: plan_evaluation and join_evaluate
+# (eval_targets, select_best) then start without importing torch (~2 s of CPU each).
 
 Evaluator = Callable[[list[dict], list[str]], dict[str, float]]
 """``(records, answers) -> metrics``; records carry ``messages`` and a parsed ``meta`` dict."""
@@ -87,6 +86,11 @@ def heldout_loss(model, token_uris: list[str], *, row_tokens: int, pad_id: int, 
     ``assistant_token_accuracy`` is the share of targets (the trained, assistant tokens) whose
     argmax logit is the label.
     """
+    import torch
+
+    from steps.losses import IGNORE_INDEX, shifted_targets, token_loss_sum
+    from steps.packing import collate_rows
+
     if batch_rows < 1:
         raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
     device = next(model.parameters()).device
@@ -154,6 +158,8 @@ def generate_greedy(
 
     The tokenizer is not modified (padding is done here, not with ``padding_side``).
     """
+    import torch
+
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     eos_ids = _eos_token_ids(model, tokenizer)
@@ -305,6 +311,8 @@ def evaluate_model(model_dir: str | Path, *, token_uris: list[str], data_uris: l
     shards: :func:`heldout_loss` for SFT, ``steps.dpo.preference_metrics`` for preference pairs.
     Thread counts are left to the caller.
     """
+    import torch
+
     from steps.models import load_model, load_tokenizer
 
     trust_remote_code = recipe.model.trust_remote_code
@@ -407,6 +415,8 @@ def evaluate_target(
     Parallel foreach tasks share the machine, so each takes ``cpu_count // num_parallel_tasks``
     torch threads. Returns the row ``{"checkpoint", "path", **metrics}``.
     """
+    import torch
+
     from steps import storage
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, num_parallel_tasks)))

@@ -46,6 +46,26 @@ def resolve_model_ref(spec: str, recipe, dest: str | Path) -> tuple[str, dict | 
                        "uri": found.uri, "metrics": dict(found.manifest.get("metrics") or {})}
 
 
+def save_model(model, folder: str | Path, state_dict: dict | None = None) -> None:
+    """``model.save_pretrained(folder)`` as safetensors, without importing DeepSpeed for nothing.
+
+    ``save_pretrained`` unwraps the model through accelerate, which imports ``deepspeed`` (~2 s
+    of CPU) whenever it is installed, to test ``isinstance(model, DeepSpeedEngine)``. Until
+    something has imported deepspeed no model can be an engine, so the probe is skipped then.
+    """
+    import sys
+
+    import accelerate.utils.other as accelerate_other
+
+    probe = accelerate_other.is_deepspeed_available
+    if "deepspeed" not in sys.modules:
+        accelerate_other.is_deepspeed_available = lambda: False
+    try:
+        model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
+    finally:
+        accelerate_other.is_deepspeed_available = probe
+
+
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 

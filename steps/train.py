@@ -374,6 +374,12 @@ def _deepspeed_engine(model, optimizer, scheduler, t, rows_per_micro: int, grad_
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
+    if deepspeed.get_accelerator().device_name() == "cpu":
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op (~1 min of g++) when
+        # its comm backend starts; only `inference_all_reduce` (tensor-parallel inference) uses
+        # it, never ZeRO training, whose collectives go through torch.distributed (gloo).
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
     config = {
         "train_micro_batch_size_per_gpu": rows_per_micro,
         "gradient_accumulation_steps": grad_accum,

@@ -1,6 +1,5 @@
 """The SFT flow end to end with metaflow.Runner on a small recipe, and its code package."""
 
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -101,14 +100,54 @@ def test_sft_flow_end_to_end_registers_versions_1_then_2(tmp_path, metaflow_env,
 
     assert_loads_and_generates(model_uri)
 
-    registry = tmp_path / "registry"
-    shutil.copytree(default_run.storage / "registry", registry)
-    v1_manifest = (registry / "catalog-assistant" / "versions" / "1" / "manifest.json").read_bytes()
-    second_run = run_flow(tiny_recipe(tmp_path, register={"registry_root": str(registry)}), metaflow_env)
-    second = second_run["register"].task.data
-    assert second.model_version == 2
-    assert second.model_uri == str(registry / "catalog-assistant" / "versions" / "2")
-    assert (registry / "catalog-assistant" / "versions" / "1" / "manifest.json").read_bytes() == v1_manifest
+
+@pytest.mark.slow
+def test_second_run_registers_v2_to_an_s3_registry_and_the_gate_keeps_v1(tmp_path, metaflow_env, s3_bucket,
+                                                                       default_run):
+    """A second (tiny) run with `register.registry_root: s3://...`, on a copy of the default run's
+    registry: it uploads v2, leaves v1 as it was, and v2 pulls back checksum-verified and loads.
+    The gate keeps v1 as champion: v2 was scored on another eval set."""
+    import os
+
+    from metaflow import namespace
+
+    from steps import storage
+    from steps.registry import Registry
+
+    registry_root = f"s3://{s3_bucket}/registry"
+    local_registry = default_run.storage / "registry"
+    for file in sorted(p for p in local_registry.rglob("*") if p.is_file()):
+        storage.upload_file(file, storage.join(registry_root, *file.relative_to(local_registry).parts))
+    v1_manifest = storage.read_bytes(f"{registry_root}/catalog-assistant/versions/1/manifest.json")
+    assert Registry(registry_root).get("catalog-assistant", "champion").version == 1
+
+    recipe = tiny_recipe(tmp_path, register={"registry_root": registry_root})
+    s3_env = {key: os.environ[key] for key in (
+        "METAFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    run = run_flow(recipe, metaflow_env, env=s3_env)
+    namespace(None)
+    data = run["end"].task.data
+    assert (data.model_name, data.model_version) == ("catalog-assistant", 2)
+    assert data.model_uri == f"{registry_root}/catalog-assistant/versions/2"
+    assert storage.read_bytes(f"{registry_root}/catalog-assistant/versions/1/manifest.json") == v1_manifest
+    assert data.promotion["promoted"] is False and "eval set" in data.promotion["reason"]
+
+    registry = Registry(registry_root)
+    assert registry.get("catalog-assistant", "champion").version == 1
+    version = registry.get("catalog-assistant", 2)
+    assert registry.promotion("catalog-assistant", 2) == data.promotion
+    assert version.manifest["run"] == run.pathspec
+    eval_split = data.dataset_manifest["splits"]["eval"]
+    assert version.manifest["eval_set"]["fingerprint"] == eval_split["fingerprint"]
+    best = data.best_checkpoint
+    assert version.manifest["metrics"]["assistant_token_accuracy"] == best["assistant_token_accuracy"]
+    assert version.manifest["lineage"]["git_sha"] and version.manifest["lineage"]["packages"]["torch"]
+    stored = {uri.removeprefix(data.model_uri + "/") for uri in storage.list_files(data.model_uri)}
+    assert {"manifest.json", "promotion.json", "model.safetensors", "config.json"} <= stored
+    assert stored - {"manifest.json", "promotion.json"} == set(version.manifest["files"])
+
+    pulled = registry.download("catalog-assistant", 2, tmp_path / "pulled")
+    assert_loads_and_generates(pulled)
 
 
 def test_code_package_carries_steps(tmp_path, metaflow_env):
@@ -134,41 +173,3 @@ def test_default_recipe_learns_the_catalog_task(default_run):
     assert best["task_score"] - base["task_score"] >= 0.4
     assert data.model_version == 1 and Path(data.model_uri).is_relative_to(default_run.storage)
     assert data.token_stats["train"]["num_rows"] > 2000
-
-
-@pytest.mark.slow
-def test_sft_flow_registers_to_an_s3_registry(tmp_path, metaflow_env, s3_bucket):
-    """`register.registry_root: s3://...` uploads the version; it pulls back checksum-verified and loads."""
-    import os
-
-    from metaflow import namespace
-
-    from steps import storage
-    from steps.registry import Registry
-
-    registry_root = f"s3://{s3_bucket}/registry"
-    recipe = tiny_recipe(tmp_path, register={"registry_root": registry_root})
-    s3_env = {key: os.environ[key] for key in (
-        "METAFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    run = run_flow(recipe, metaflow_env, env=s3_env)
-    namespace(None)
-    data = run["end"].task.data
-    assert (data.model_name, data.model_version) == ("catalog-assistant", 1)
-    assert data.model_uri == f"{registry_root}/catalog-assistant/versions/1"
-    assert (data.promotion["promoted"], data.promotion["reason"]) == (True, "no current champion")
-
-    registry = Registry(registry_root)
-    version = registry.get("catalog-assistant", "champion")
-    assert version.version == 1 and registry.promotion("catalog-assistant", 1) == data.promotion
-    assert version.manifest["run"] == run.pathspec
-    eval_split = data.dataset_manifest["splits"]["eval"]
-    assert version.manifest["eval_set"]["fingerprint"] == eval_split["fingerprint"]
-    best = data.best_checkpoint
-    assert version.manifest["metrics"]["assistant_token_accuracy"] == best["assistant_token_accuracy"]
-    assert version.manifest["lineage"]["git_sha"] and version.manifest["lineage"]["packages"]["torch"]
-    stored = {uri.removeprefix(data.model_uri + "/") for uri in storage.list_files(data.model_uri)}
-    assert {"manifest.json", "promotion.json", "model.safetensors", "config.json"} <= stored
-    assert stored - {"manifest.json", "promotion.json"} == set(version.manifest["files"])
-
-    pulled = registry.download("catalog-assistant", "champion", tmp_path / "pulled")
-    assert_loads_and_generates(pulled)

@@ -175,7 +175,7 @@ def test_prune_keeps_the_newest_and_the_needed(tmp_path):
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_zero_trains_saves_and_resumes(tmp_path, builtin_model_dir, token_uris, stage):
     """ZeRO-2 resumes to within 1e-6 of an uninterrupted run; ZeRO-3 trains and loads its own
-    checkpoint. (DeepSpeed builds a CPU communication op on first use, about a minute.)"""
+    checkpoint."""
     pytest.importorskip("deepspeed")
     strategy = f"deepspeed_zero{stage}"
     crashing = _spec(_lean(tmp_path, strategy=strategy, fail_at_step=5), builtin_model_dir, token_uris,

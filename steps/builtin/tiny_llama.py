@@ -189,11 +189,13 @@ def _check_chat_template(tokenizer) -> None:
 
 
 def _write_build(folder: Path, seed: int, size: dict) -> None:
+    from steps.models import save_model
+
     tokenizer = build_tokenizer()
     _check_chat_template(tokenizer)
     model = _build_model(tokenizer, seed, size)
     tokenizer.save_pretrained(folder)
-    model.save_pretrained(folder)
+    save_model(model, folder)
     (folder / MARKER_FILE).write_text(_marker_text(seed))
 
 
