@@ -71,10 +71,15 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 
 def latest_checkpoint(roots: list[Path]) -> Path | None:
-    """The complete checkpoint with the highest step over several roots (a run and its origins)."""
+    """The resumable checkpoint with the highest step over several roots (a run and its origins).
+
+    Checkpoints whose resume state :func:`prune` dropped (weights only) are skipped.
+    """
     best = None
     for root in roots:
         for ckpt in list_checkpoints(Path(root)):
+            if not is_resumable(ckpt):
+                continue
             if best is None or checkpoint_step(ckpt) > checkpoint_step(best):
                 best = ckpt
     return best
@@ -86,6 +91,11 @@ def checkpoint_step(path: Path) -> int:
 
 def read_state(path: Path) -> dict:
     return json.loads((Path(path) / STATE_FILE).read_text())
+
+
+def is_resumable(path: Path) -> bool:
+    """Whether a complete checkpoint still holds its resume state (see :func:`prune`)."""
+    return not read_state(path).get("weights_only", False)
 
 
 def save_rng(folder: Path, rank: int) -> None:
@@ -245,21 +255,43 @@ def load_deepspeed(engine, folder: Path) -> None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {folder / DEEPSPEED_DIR}")
 
 
-def prune(root: Path, keep_last: int, needed: set[str] = frozenset()) -> list[Path]:
-    """Delete all but the newest ``keep_last`` complete checkpoints (0 keeps all); return the deleted.
+def prune(root: Path, keep_last: int, needed: set[str] = frozenset(), *, keep_weights: bool = False
+          ) -> list[Path]:
+    """Retention: only the newest ``keep_last`` checkpoints stay resumable (0 keeps all whole).
 
-    Checkpoints named in ``needed`` (folder names such as ``step-000100``, e.g. ones an evaluation
-    has not scored yet) are kept too.
+    Older ones named in ``needed`` (folder names such as ``step-000100``) stay whole. The rest
+    are deleted, or, with ``keep_weights`` (the trainer's choice: every flow evaluates every
+    checkpoint after training), lose only their resume state: optimizer (one file, DCP shards or
+    DeepSpeed's partitions), scheduler and RNG files, 2-3x the size of the weights. Their model
+    files and ``trainer_state.json`` (then marked ``weights_only``) stay for evaluation, and
+    :func:`latest_checkpoint` no longer picks them. The mark is written before anything is
+    deleted, so a crash midway never leaves a "resumable" checkpoint without its state. Returns
+    the checkpoints deleted or stripped now.
 
         >>> # step-000010 .. step-000040 exist; prune(root, 2) deletes step-000010 and step-000020
     """
     if keep_last <= 0:
         return []
     ckpts = list_checkpoints(Path(root))
-    doomed = [p for p in ckpts[:-keep_last] if p.name not in needed]
+    doomed = [p for p in ckpts[:-keep_last] if p.name not in needed and is_resumable(p)]
     for p in doomed:
-        shutil.rmtree(p, ignore_errors=True)
+        if not keep_weights:
+            shutil.rmtree(p, ignore_errors=True)
+            continue
+        state = {**read_state(p), "weights_only": True}
+        marked = p / f".{STATE_FILE}.{uuid.uuid4().hex[:8]}"
+        marked.write_text(json.dumps(state, indent=1))
+        os.replace(marked, p / STATE_FILE)
+        for item in resume_state_files(p):
+            shutil.rmtree(item) if item.is_dir() else item.unlink()
     return doomed
+
+
+def resume_state_files(path: Path) -> list[Path]:
+    """What a checkpoint holds only to resume training: optimizer, scheduler and RNG state."""
+    path = Path(path)
+    names = ("optimizer.pt", "optimizer", "scheduler.pt", DEEPSPEED_DIR)
+    return sorted([path / n for n in names if (path / n).exists()] + list(path.glob("rng-rank*.pt")))
 
 
 def model_files(path: Path) -> list[Path]:

@@ -197,8 +197,9 @@ class TrainConfig:
     LM-head matmul on the fast tensor-core kernels); the padded rows are never predicted and the
     saved checkpoints have the real vocabulary size. 0 = no padding."""
     keep_last: int = 0
-    """Keep only the newest this many checkpoints, plus those evaluation may still need
-    (0 keeps all; evaluation scores every kept checkpoint)."""
+    """Keep the resume state (optimizer, scheduler, RNG) of only the newest this many checkpoints
+    (0 keeps all). Older checkpoints keep their weights, which evaluation scores after training;
+    only their resume state, 2-3x the size of the weights, is deleted."""
     resume_from: str | None = None
     """A checkpoint folder, or a run root / checkpoint root, whose latest complete checkpoint a
     fresh run starts from (weights, optimizer, scheduler, data position, RNG)."""

@@ -451,6 +451,13 @@ def _train(spec: TrainSpec, recipe: Recipe, rank: int, world: int, device: torch
     torch.manual_seed(recipe.seed)
     bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and device.type == "cuda")
     resume = checkpoint.latest_checkpoint([ckpt_root] + [Path(r) for r in spec.resume_roots])
+    if resume is None and t.resume_from:
+        stripped = checkpoint.list_checkpoints(Path(t.resume_from))
+        raise RuntimeError(
+            f"train.resume_from={t.resume_from!r} holds no resumable checkpoint"
+            + (f": its {len(stripped)} checkpoint(s) kept only their weights (train.keep_last dropped the "
+               f"optimizer state); to start from those weights instead, set model.base to one of them"
+               if stripped else " (no complete checkpoint there)"))
     objective = objective_for(spec.objective, recipe, spec.objective_inputs, device)
     model, real_vocab = _build_model(spec, recipe, device, resume)
     chunked = t.chunked_ce == "on" or (t.chunked_ce == "auto" and device.type == "cuda")
@@ -631,8 +638,9 @@ def _save(model, tokenizer, optimizer, scheduler, root: Path, step: int, curve: 
     if rank == 0:
         final = checkpoint.commit(tmp, step, {"step": step, "train_curve": curve, "world_size": world})
         _log(rank, f"saved checkpoint {final}")
-        for removed in checkpoint.prune(root, keep_last):
-            _log(rank, f"removed checkpoint {removed} (train.keep_last={keep_last})")
+        for pruned in checkpoint.prune(root, keep_last, keep_weights=True):
+            _log(rank, f"dropped the resume state of {pruned} (train.keep_last={keep_last}); its weights stay "
+                       f"for evaluation")
 
 
 if __name__ == "__main__":

@@ -159,7 +159,21 @@ def test_resume_from_starts_a_fresh_run_at_another_runs_checkpoint(tmp_path, bui
     spec.write(tmp_path / "spec-run2.json")
     train.main(str(tmp_path / "spec-run2.json"))
     assert [r["step"] for r in _curve(tmp_path / "run2")] == [1, 2, 3, 4, 5, 6]  # steps 1-3 from run1
-    assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "run2")] == ["step-000006"]  # keep_last=1
+    # keep_last=1: steps 4 and 5 keep their weights (evaluation scores them), not their resume state.
+    run2 = checkpoint.list_checkpoints(tmp_path / "run2")
+    assert [p.name for p in run2] == ["step-000004", "step-000005", "step-000006"]
+    assert [checkpoint.is_resumable(p) for p in run2] == [False, False, True]
+    assert checkpoint.latest_checkpoint([tmp_path / "run2"]) == run2[-1]
+    for stripped in run2[:2]:
+        assert checkpoint.resume_state_files(stripped) == [] and (stripped / "model.safetensors").is_file()
+        assert checkpoint.read_state(stripped)["step"] == checkpoint.checkpoint_step(stripped)
+    assert [p.name for p in checkpoint.resume_state_files(run2[-1])] == [
+        "optimizer.pt", "rng-rank0.pt", "scheduler.pt"]
+    # A resume_from with nothing resumable fails, saying why, instead of starting from scratch.
+    stale = _spec(_lean(tmp_path, resume_from=str(run2[0])), builtin_model_dir, token_uris, tmp_path / "run3")
+    with pytest.raises(RuntimeError, match=r"holds no resumable checkpoint: its 1 checkpoint\(s\) kept only their "
+                                           r"weights \(train.keep_last"):
+        train.main(str(stale))
 
 
 def test_prune_keeps_the_newest_and_the_needed(tmp_path):
@@ -169,6 +183,29 @@ def test_prune_keeps_the_newest_and_the_needed(tmp_path):
     removed = checkpoint.prune(tmp_path, 2, needed={"step-000010"})
     assert [p.name for p in removed] == ["step-000020"]
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-000010", "step-000030", "step-000040"]
+
+
+def test_prune_keeping_weights_drops_only_the_resume_state(tmp_path):
+    for step in (10, 20, 30):
+        folder = checkpoint.begin(tmp_path, step)
+        for name in ("model.safetensors", "config.json", "optimizer.pt", "scheduler.pt", "rng-rank0.pt",
+                     "rng-rank1.pt", "optimizer/__0_0.distcp", "deepspeed/mp_rank_00_model_states.pt"):
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(name)
+        checkpoint.commit(folder, step, {"step": step, "train_curve": [{"step": step}]})
+    pruned = checkpoint.prune(tmp_path, 1, keep_weights=True)
+    assert [p.name for p in pruned] == ["step-000010", "step-000020"]
+    for ckpt in pruned:
+        assert sorted(p.name for p in ckpt.iterdir()) == ["config.json", "model.safetensors", "trainer_state.json"]
+        assert checkpoint.read_state(ckpt) == {"step": checkpoint.checkpoint_step(ckpt),
+                                               "train_curve": [{"step": checkpoint.checkpoint_step(ckpt)}],
+                                               "weights_only": True}
+    assert checkpoint.latest_checkpoint([tmp_path]).name == "step-000030"
+    assert checkpoint.prune(tmp_path, 1, keep_weights=True) == []  # already stripped: nothing new
+    # A newer checkpoint moves the resume state on: step 30 keeps only its weights now.
+    checkpoint.commit(checkpoint.begin(tmp_path, 40), 40, {"step": 40})
+    checkpoint.prune(tmp_path, 1, keep_weights=True)
+    assert [checkpoint.is_resumable(p) for p in checkpoint.list_checkpoints(tmp_path)] == [False, False, False, True]
 
 
 @pytest.mark.deepspeed
