@@ -11,21 +11,12 @@ the branch ``test.X``, ``--production`` the branch ``prod``. Each branch has its
 flow then carries ``@trigger(event=...)`` (see infra/README.md).
 """
 
-import getpass
 import os
-import sys
 from pathlib import Path
 
 import yaml
 
-for _root in (Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent):
-    if (_root / "steps" / "__init__.py").exists() and str(_root) not in sys.path:
-        sys.path.insert(0, str(_root))
-        break
-
-# The same fallback as flows/sft_flow.py: Metaflow refuses to run as "root" or without a user.
-if not any(os.environ.get(v) not in (None, "", "root") for v in ("METAFLOW_USER", "SUDO_USER", "USERNAME", "USER")):
-    os.environ["METAFLOW_USER"] = f"{getpass.getuser()}-local"
+import flow_env  # noqa: F401  (flows/flow_env.py: steps on sys.path, METAFLOW_USER, PATH)
 
 from metaflow import (Config, FlowSpec, card, config_expr, current, package_sources, parallel,  # noqa: E402
                       project, schedule, step, trigger)

@@ -4,25 +4,11 @@
     python flows/sft_flow.py --config recipe configs/my.yaml run   # another recipe
 """
 
-import getpass
-import os
-import sys
 from pathlib import Path
 
 import yaml
 
-# Make `steps` importable when the project is not pip-installed (and on remote compute, where
-# the code package puts steps/ next to this file).
-for _root in (Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent):
-    if (_root / "steps" / "__init__.py").exists() and str(_root) not in sys.path:
-        sys.path.insert(0, str(_root))
-        break
-
-# Metaflow refuses to run without a user name other than "root", and containers and CI often
-# run as root or set no $USER at all. Fall back to "<account>-local" so `run` just works;
-# set METAFLOW_USER to choose the name recorded in the run's metadata.
-if not any(os.environ.get(v) not in (None, "", "root") for v in ("METAFLOW_USER", "SUDO_USER", "USERNAME", "USER")):
-    os.environ["METAFLOW_USER"] = f"{getpass.getuser()}-local"
+import flow_env  # noqa: F401  (flows/flow_env.py: steps on sys.path, METAFLOW_USER, PATH)
 
 from metaflow import Config, FlowSpec, card, current, package_sources, parallel, retry, step  # noqa: E402
 

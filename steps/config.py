@@ -182,6 +182,11 @@ class TrainConfig:
     """Compute dtype: ``auto`` is fp32 on CPU and bf16 autocast on GPU."""
     num_threads: int = 0
     """torch intra-op threads per rank on CPU (0 = cores / local ranks)."""
+    rendezvous_timeout_s: int = 300
+    """With ``num_nodes`` > 1: how long the nodes wait for each other at the start of training. A
+    node that never starts (crashed before torchrun, pod never scheduled) fails the others after
+    this long, naming how many nodes joined. Once training runs, a dead peer fails the step within
+    the 60 s collective timeout instead."""
     chunked_ce: Literal["auto", "on", "off"] = "auto"
     """Compute the LM head and cross-entropy in chunks of ``ce_chunk_tokens`` trained tokens, so
     the ``[tokens, vocab]`` logits are never materialized (``steps.losses.chunked_token_loss_sum``).
@@ -235,6 +240,7 @@ class TrainConfig:
         _check(self.dtype in ("auto", "float32", "bfloat16"), f"{path}.dtype",
                "'auto', 'float32' or 'bfloat16'", self.dtype)
         _check(self.num_threads >= 0, f"{path}.num_threads", ">= 0", self.num_threads)
+        _check(self.rendezvous_timeout_s > 0, f"{path}.rendezvous_timeout_s", "> 0", self.rendezvous_timeout_s)
         _check(self.fail_at_step is None or self.fail_at_step > 0, f"{path}.fail_at_step",
                "null or > 0", self.fail_at_step)
         _check(self.kill_rank_at_step is None or self.kill_rank_at_step > 0, f"{path}.kill_rank_at_step",

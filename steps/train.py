@@ -98,19 +98,23 @@ def master_port_for(run_key: str) -> int:
 
 
 def launch(spec_path: Path, *, num_nodes: int, node_rank: int, nproc_per_node: int,
-           master_addr: str, master_port: int, log_path: Path | None = None) -> None:
+           master_addr: str, master_port: int, log_path: Path | None = None,
+           rendezvous_timeout_s: int = 300) -> None:
     """Run torchrun for this node and stream its output; raise, naming the rank, if any failed.
 
     Every line a worker prints is prefixed ``[rank N]`` (its global rank) and also kept in
     per-rank files under ``<log_path's folder>/ranks-node<I>/``; the node's whole output goes to
     ``log_path``. A dead rank makes torchrun stop the others on this node at once; ranks on other
-    nodes fail at their next collective, within the process group timeout (60 s).
+    nodes fail at their next collective, within the process group timeout (60 s). With several
+    nodes, a node that never joins fails the others after ``rendezvous_timeout_s``.
     """
     if num_nodes == 1:  # one node: let torchrun pick a free local port
         rendezvous = ["--standalone"]
     else:
         rendezvous = [f"--nnodes={num_nodes}", f"--node_rank={node_rank}", f"--master_addr={master_addr}",
-                      f"--master_port={master_port}", f"--rdzv_conf=join_timeout={COLLECTIVE_TIMEOUT_S}"]
+                      f"--master_port={master_port}", # torchrun's static rendezvous waits `timeout` for every node's agent (900 s by default);
+                      # `join_timeout` bounds the workers' own join.
+                      f"--rdzv_conf=join_timeout={COLLECTIVE_TIMEOUT_S},timeout={rendezvous_timeout_s}"]
     rank_logs = ["--tee=3"]  # workers' stdout and stderr go to per-rank files and to the console
     if log_path is not None:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
@@ -159,6 +163,7 @@ class FailureSummary:
     """
 
     _RANK = re.compile(r"^\s*rank\s*:\s*(\d+) \(local_rank: (\d+)\)")
+    _RENDEZVOUS = re.compile(r"Timed out after (\d+) seconds waiting for clients\. (\d+)/(\d+) clients joined")
     _EXIT = re.compile(r"^\s*exitcode\s*:\s*(-?\d+).*?(?:\((SIG\w+)\))?\s*$")
 
     def __init__(self) -> None:
@@ -171,7 +176,11 @@ class FailureSummary:
             self.rank_errors.append(line.split("] ", 1)[-1].strip() if line.startswith("[rank ") else line.strip())
             return
         text = line.split("] ", 1)[-1] if line.startswith("[node ") else line
-        if text.startswith("Root Cause"):
+        if match := self._RENDEZVOUS.search(text):
+            self.rank_errors.append(
+                f"rendezvous timed out after {match.group(1)} s: {match.group(2)} of {match.group(3)} nodes joined "
+                "(a node failed before training started: see its task's log; train.rendezvous_timeout_s)")
+        elif text.startswith("Root Cause"):
             self._root_cause = True
         elif match := self._RANK.match(text):
             self._rank = f"rank {match.group(1)} (local_rank {match.group(2)})"
@@ -226,7 +235,8 @@ def run_node(recipe: Recipe, base_model: str, token_stats: dict, run_root: str, 
     spec.write(spec_path)
     launch(spec_path, num_nodes=num_nodes, node_rank=node_index, nproc_per_node=recipe.train.nproc_per_node,
            master_addr=main_ip if num_nodes > 1 else "127.0.0.1",
-           master_port=master_port_for(run_key), log_path=logs / f"train-node{node_index}.log")
+           master_port=master_port_for(run_key), log_path=logs / f"train-node{node_index}.log",
+           rendezvous_timeout_s=recipe.train.rendezvous_timeout_s)
     ckpts = checkpoint.list_checkpoints(ckpt_root)
     if not ckpts:
         raise RuntimeError(f"training finished but wrote no checkpoint under {ckpt_root}")

@@ -2,6 +2,7 @@
 the adapter and registers as a merged plain model; FSDP2 equals DDP and resumes exactly; failure
 injections fire once; a killed rank fails the launch fast, naming the rank; retention."""
 
+import re
 import time
 from pathlib import Path
 
@@ -237,3 +238,27 @@ def test_deepspeed_zero_trains_saves_and_resumes(tmp_path, builtin_model_dir, to
         _launch(ddp, 2)
         for a, b in zip(_curve(tmp_path / "ddp"), _curve(tmp_path / "resumed"), strict=True):
             assert abs(a["loss"] - b["loss"]) <= 1e-5
+
+
+def test_a_node_that_never_starts_fails_the_other_at_the_rendezvous_timeout(tmp_path, builtin_model_dir,
+                                                                             token_uris):
+    # Node 0 of 2 alone: node 1 died before its torchrun started (a crashed task, a pod never
+    # scheduled). Without a rendezvous timeout torchrun would wait 900 s for it.
+    spec = _spec(_lean(tmp_path), builtin_model_dir, token_uris, tmp_path / "ckpt")
+    started = time.monotonic()
+    with pytest.raises(RuntimeError) as failure:
+        train.launch(spec, num_nodes=2, node_rank=0, nproc_per_node=1, master_addr="127.0.0.1",
+                     master_port=_free_port(), rendezvous_timeout_s=5)
+    assert time.monotonic() - started < 60
+    message = str(failure.value)
+    assert re.search(r"torchrun on node 0 exited with code 1: rendezvous timed out after [56] s: 1 of 2 nodes joined",
+                     message), message
+    assert not (tmp_path / "ckpt").exists() or not list((tmp_path / "ckpt").iterdir())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
