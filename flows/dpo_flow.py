@@ -77,14 +77,14 @@ class DPOFlow(FlowSpec):
     @step
     def train(self):
         """Launch torchrun on every node with the dpo objective; rank 0 writes checkpoints."""
-        from steps import cards, train
+        from steps import cards, launch
 
-        result = train.run_node(self.spec, self.base_model_path, self.token_stats, self.run_root,
+        result = launch.run_node(self.spec, self.base_model_path, self.token_stats, self.run_root,
                                 node_index=current.parallel.node_index,
                                 num_nodes=current.parallel.num_nodes,
                                 main_ip=current.parallel.main_ip,
                                 run_key=f"{current.pathspec.rsplit('/', 1)[0]}/{current.retry_count}",
-                                resume_roots=train.resume_roots_for(self.spec), objective="dpo")
+                                resume_roots=launch.resume_roots_for(self.spec), objective="dpo")
         if current.parallel.node_index == 0:
             self.checkpoints, self.train_curve = result["checkpoints"], result["train_curve"]
             show(cards.train_card(self.train_curve))

@@ -100,9 +100,9 @@ class RetrainFlow(FlowSpec):
     @step
     def train(self):
         """Launch torchrun on every node, starting from the champion's weights."""
-        from steps import cards, train
+        from steps import cards, launch
 
-        result = train.run_node(self.spec, self.base_model_path, self.token_stats, self.run_root,
+        result = launch.run_node(self.spec, self.base_model_path, self.token_stats, self.run_root,
                                 node_index=current.parallel.node_index,
                                 num_nodes=current.parallel.num_nodes,
                                 main_ip=current.parallel.main_ip,

@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -163,10 +164,20 @@ class BackgroundRun:
                 [*nice, sys.executable, str(PROJECT_ROOT / "flows" / "sft_flow.py"), "run",
                  "--run-id-file", str(root / "run-id")],
                 cwd=self.sysroot, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        # When it started and ended, and how long tests blocked on it: the terminal summary prints
+        # them, so a CI log shows whether this run or the foreground tests set the suite's length.
+        self.started_at, self.ended_at, self.waited_s = time.monotonic(), None, 0.0
+        threading.Thread(target=self._note_end, daemon=True).start()
+
+    def _note_end(self) -> None:
+        self.proc.wait()
+        self.ended_at = time.monotonic()
 
     def wait(self, timeout_s: float = 3600) -> FinishedRun:
         """Block until the run ends; fail with the end of its log unless it succeeded."""
+        blocked_at = time.monotonic()
         returncode = self.proc.wait(timeout=timeout_s)
+        self.waited_s += time.monotonic() - blocked_at
         log = self.log_path.read_text(errors="replace")
         assert returncode == 0, f"the default run failed (exit {returncode}):\n{log[-8000:]}"
         run_id = (self.root / "run-id").read_text().strip()
@@ -204,6 +215,17 @@ def pytest_collection_finish(session):
     if needed and not session.config.option.collectonly:
         # The object behind the tmp_path_factory fixture (no fixture can be requested from a hook).
         _start_default_run(session.config._tmp_path_factory)
+
+
+_SESSION_START = time.monotonic()
+
+
+def pytest_terminal_summary(terminalreporter):
+    for name, run in _background.items():
+        start = run.started_at - _SESSION_START
+        end = f"ended at +{run.ended_at - _SESSION_START:.0f} s" if run.ended_at else "still running"
+        terminalreporter.write_line(
+            f"background {name} run: started at +{start:.0f} s, {end}; tests waited {run.waited_s:.0f} s for it")
 
 
 def pytest_sessionfinish(session):
