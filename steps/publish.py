@@ -52,7 +52,7 @@ def summary(recipe: Recipe, name: str, version: int, uri: str, eval_metrics: lis
             promotion: dict) -> str:
     """A few lines for the end of a run: where the model is, how it compares, how to load it."""
     baseline = next((row for row in eval_metrics if row["checkpoint"] == "base"), {})
-    keys = [k for k in ("task_score", "search_hit_at_1", "eval_loss", "perplexity",
+    keys = [k for k in ("task_score", "search_hit_at_1", "qa_accuracy", "eval_loss", "perplexity",
                         "assistant_token_accuracy") if k in best]
     lines = [f"Registered {name} v{version} ({best['checkpoint']}) at {uri}",
              f"{'metric':<26}{'base':>10}{'model':>10}"]

@@ -22,7 +22,9 @@ from steps.builtin.catalog import (  # noqa: E402
     evaluate,
     first_title_named,
     generate_conversations,
+    generate_preference_pairs,
     make_catalog,
+    qa_correct,
     recommendation_is_valid,
     search_hit,
     task_prompt,
@@ -143,7 +145,26 @@ def test_every_reference_answer_scores_perfectly():
             assert first_title_named(answer).title == record["meta"]["title"]
     scores = evaluate(records, references)
     assert scores["task_score"] == scores["recommend_valid"] == 1.0
-    assert scores["search_hit_at_1"] == 1.0
+    assert scores["search_hit_at_1"] == scores["qa_accuracy"] == 1.0
+
+
+def test_qa_correctness_exact_cases_and_every_rejected_pair_fails():
+    meta = {"task": "qa", "title": "Iron Signal", "field": "year"}
+    iron = next(t for t in SMALL_CATALOG if t.title == "Iron Signal")
+    assert qa_correct(meta, f'"Iron Signal" was released in {iron.year}.', SMALL_CATALOG)
+    assert not qa_correct(meta, f'"Iron Signal" was released in {iron.year + 1}.', SMALL_CATALOG)
+    assert not qa_correct(meta, f'"The Silent Harbor" was released in {iron.year}.', SMALL_CATALOG)  # other title
+    assert not qa_correct(meta, f"{iron.year}", SMALL_CATALOG)  # no title named
+    cast = {**meta, "field": "cast"}
+    assert qa_correct(cast, f'"Iron Signal" stars {iron.cast[0]} and {iron.cast[1]}.', SMALL_CATALOG)
+    assert not qa_correct(cast, f'"Iron Signal" stars {iron.cast[0]}.', SMALL_CATALOG)  # one lead missing
+    with pytest.raises(ValueError, match="unknown qa field 'rating'"):
+        qa_correct({**meta, "field": "rating"}, '"Iron Signal"', SMALL_CATALOG)
+    # The DPO pairs' rejected qa answers (another title's facts) all fail; the chosen all pass.
+    pairs = [p for p in generate_preference_pairs(600, seed=1) if p["meta"]["task"] == "qa"]
+    assert len(pairs) > 50
+    assert all(qa_correct(p["meta"], p["chosen"][0]["content"]) for p in pairs)
+    assert not any(qa_correct(p["meta"], p["rejected"][0]["content"]) for p in pairs)
 
 
 # ---------------------------------------------------------------- scoring
@@ -205,15 +226,19 @@ def test_evaluate_exact_metrics():
         "task_score": 0.5,
         "recommend_valid": 0.5,
         "search_hit_at_1": 1.0,
+        "qa_accuracy": 0.0,
         "num_recommend": 2.0,
         "num_search": 1.0,
+        "num_qa": 1.0,
     }
     assert evaluate(records[3:], answers[3:]) == {
         "task_score": 0.0,
         "recommend_valid": 0.0,
         "search_hit_at_1": 0.0,
+        "qa_accuracy": 0.0,
         "num_recommend": 0.0,
         "num_search": 0.0,
+        "num_qa": 1.0,
     }
     assert catalog.CATALOG_EVALUATOR is evaluate
     with pytest.raises(ValueError, match="2 records but 1 answers"):

@@ -504,6 +504,36 @@ def search_hit(meta: Mapping[str, Any], answer: str, catalog: Sequence[Title] | 
     return title is not None and title.title == meta["title"]
 
 
+def qa_correct(meta: Mapping[str, Any], answer: str, catalog: Sequence[Title] | None = None) -> bool:
+    """True when ``answer`` names ``meta["title"]`` first and states its ``meta["field"]`` rightly.
+
+    ``year``: the release year appears; ``cast``: both leads appear; ``genre``: the genre's noun
+    and the mood appear (the reference answers say "a dark drama"). Another title's facts fail.
+
+    Example:
+        >>> catalog = [Title("Echo at Ashford", "drama", 1999, "dark", ("Ana Reyes", "Kai Nakamura"))]
+        >>> meta = {"task": "qa", "title": "Echo at Ashford", "field": "year"}
+        >>> qa_correct(meta, '"Echo at Ashford" was released in 1999.', catalog)
+        True
+        >>> qa_correct(meta, '"Echo at Ashford" was released in 2003.', catalog)
+        False
+        >>> qa_correct({**meta, "field": "genre"}, '"Echo at Ashford" is a dark drama.', catalog)
+        True
+    """
+    title = first_title_named(answer, catalog)
+    if title is None or title.title != meta["title"]:
+        return False
+    rest = answer[answer.find(title.title) + len(title.title):]
+    field = meta["field"]
+    if field == "year":
+        return str(title.year) in rest
+    if field == "cast":
+        return all(name in rest for name in title.cast[:2])
+    if field == "genre":
+        return _GENRE_NOUNS[title.genre] in rest and title.mood in rest
+    raise ValueError(f"unknown qa field {field!r}; known: year, cast, genre")
+
+
 def _meta_dict(record: Mapping[str, Any]) -> dict[str, Any]:
     # Shards store meta as a JSON string; accept either form so callers need not care.
     meta = record.get("meta") or {}
@@ -514,19 +544,19 @@ def evaluate(records: Sequence[Mapping[str, Any]], answers: Sequence[str]) -> di
     """Score generated ``answers`` to ``task_prompt(record)`` for each record.
 
     This is the evaluator API: any callable ``(records, answers) -> dict[str, float]``.
-    ``task_score`` is the recommendation validity; records of other tasks
-    (and qa) contribute only to their own metrics.
+    ``task_score`` is the recommendation validity; search and qa records contribute only to
+    their own metrics (``search_hit_at_1``, ``qa_accuracy``).
 
     Example:
         >>> records = list(generate_conversations(20, seed=0))
         >>> references = [r["messages"][-1]["content"] for r in records]
         >>> scores = evaluate(records, references)
-        >>> scores["task_score"], scores["search_hit_at_1"]
-        (1.0, 1.0)
+        >>> scores["task_score"], scores["search_hit_at_1"], scores["qa_accuracy"]
+        (1.0, 1.0, 1.0)
     """
     if len(records) != len(answers):
         raise ValueError(f"got {len(records)} records but {len(answers)} answers")
-    num_valid = num_recommend = num_hits = num_search = 0
+    num_valid = num_recommend = num_hits = num_search = num_right = num_qa = 0
     for record, answer in zip(records, answers, strict=True):
         meta = _meta_dict(record)
         task = meta.get("task")
@@ -536,13 +566,18 @@ def evaluate(records: Sequence[Mapping[str, Any]], answers: Sequence[str]) -> di
         elif task == "search":
             num_search += 1
             num_hits += search_hit(meta, answer)
+        elif task == "qa":
+            num_qa += 1
+            num_right += qa_correct(meta, answer)
     recommend_valid = num_valid / num_recommend if num_recommend else 0.0
     return {
         "task_score": recommend_valid,
         "recommend_valid": recommend_valid,
         "search_hit_at_1": num_hits / num_search if num_search else 0.0,
+        "qa_accuracy": num_right / num_qa if num_qa else 0.0,
         "num_recommend": float(num_recommend),
         "num_search": float(num_search),
+        "num_qa": float(num_qa),
     }
 
 
