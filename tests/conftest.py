@@ -228,6 +228,20 @@ def pytest_terminal_summary(terminalreporter):
             f"background {name} run: started at +{start:.0f} s, {end}; tests waited {run.waited_s:.0f} s for it")
 
 
+def pytest_configure(config):
+    """A SIGTERM'd pytest (a CI timeout, `kill`) ends without pytest_sessionfinish: stop the
+    background runs first, or their flow and torchrun would go on without anyone waiting."""
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def stop_then_die(signum, frame):
+        for run in _background.values():
+            run.stop()
+        signal.signal(signal.SIGTERM, previous if callable(previous) else signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop_then_die)
+
+
 def pytest_sessionfinish(session):
     for run in _background.values():
         run.stop()  # only if still running: the session was interrupted or stopped early (-x)
