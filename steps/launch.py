@@ -52,8 +52,6 @@ class TrainSpec:
         Path(path).write_text(json.dumps({k: getattr(self, k) for k in self.__slots__}, indent=1))
 
 
-
-
 def master_port_for(run_key: str) -> int:
     """A rendezvous port that every node of one run derives alike, without talking first."""
     return 20000 + zlib.crc32(run_key.encode()) % 20000

@@ -1,6 +1,7 @@
-"""The torchrun entrypoint, and the launcher that a Metaflow node uses to start it.
+"""The torchrun entrypoint: what every rank runs.
 
-A node of the ``train`` step calls :func:`launch`, which runs::
+A node of the ``train`` step calls ``steps.launch.launch`` (torch-free; re-exported here), which
+runs::
 
     python -m torch.distributed.run --nnodes N --node_rank I --master_addr A --master_port P \\
         --nproc_per_node G -m steps.train --spec train_spec.json
