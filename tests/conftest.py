@@ -6,7 +6,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -166,12 +165,12 @@ class BackgroundRun:
                 cwd=self.sysroot, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         # When it started and ended, and how long tests blocked on it: the terminal summary prints
         # them, so a CI log shows whether this run or the foreground tests set the suite's length.
-        self.started_at, self.ended_at, self.waited_s = time.monotonic(), None, 0.0
-        threading.Thread(target=self._note_end, daemon=True).start()
+        # (Its end is the log's last write: no waiter thread, since the suite forks processes.)
+        self.started_at, self.waited_s = time.time(), 0.0
 
-    def _note_end(self) -> None:
-        self.proc.wait()
-        self.ended_at = time.monotonic()
+    @property
+    def ended_at(self) -> float | None:
+        return self.log_path.stat().st_mtime if self.proc.poll() is not None else None
 
     def wait(self, timeout_s: float = 3600) -> FinishedRun:
         """Block until the run ends; fail with the end of its log unless it succeeded."""
@@ -217,7 +216,7 @@ def pytest_collection_finish(session):
         _start_default_run(session.config._tmp_path_factory)
 
 
-_SESSION_START = time.monotonic()
+_SESSION_START = time.time()
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -232,10 +231,14 @@ def pytest_configure(config):
     """A SIGTERM'd pytest (a CI timeout, `kill`) ends without pytest_sessionfinish: stop the
     background runs first, or their flow and torchrun would go on without anyone waiting."""
     previous = signal.getsignal(signal.SIGTERM)
+    session_pid = os.getpid()
 
     def stop_then_die(signum, frame):
-        for run in _background.values():
-            run.stop()
+        # Processes forked from pytest (multiprocessing workers) inherit this handler: only the
+        # session's own process may stop the runs; a worker just dies as it would have.
+        if os.getpid() == session_pid:
+            for run in _background.values():
+                run.stop()
         signal.signal(signal.SIGTERM, previous if callable(previous) else signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)
 
