@@ -28,7 +28,7 @@ the vocabulary columns both models have (``min`` of their vocabulary sizes), so 
 embedding is padded (``train.pad_vocab_multiple``) compares on its real rows only.
 
 The objective is registered as ``"distill"`` in :data:`steps.objectives.OBJECTIVES`; the train
-step runs it with ``train.run_node(..., objective="distill", objective_inputs={"teacher": path})``.
+step runs it with ``launch.run_node(..., objective="distill", objective_inputs={"teacher": path})``.
 """
 
 from __future__ import annotations

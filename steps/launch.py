@@ -71,9 +71,10 @@ def launch(spec_path: Path, *, num_nodes: int, node_rank: int, nproc_per_node: i
     if num_nodes == 1:  # one node: let torchrun pick a free local port
         rendezvous = ["--standalone"]
     else:
+        # torchrun's static rendezvous waits `timeout` for every node's agent (900 s by default);
+        # `join_timeout` bounds the workers' own join.
         rendezvous = [f"--nnodes={num_nodes}", f"--node_rank={node_rank}", f"--master_addr={master_addr}",
-                      f"--master_port={master_port}", # torchrun's static rendezvous waits `timeout` for every node's agent (900 s by default);
-                      # `join_timeout` bounds the workers' own join.
+                      f"--master_port={master_port}",
                       f"--rdzv_conf=join_timeout={COLLECTIVE_TIMEOUT_S},timeout={rendezvous_timeout_s}"]
     rank_logs = ["--tee=3"]  # workers' stdout and stderr go to per-rank files and to the console
     if log_path is not None:

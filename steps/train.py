@@ -1,7 +1,6 @@
 """The torchrun entrypoint: what every rank runs.
 
-A node of the ``train`` step calls ``steps.launch.launch`` (torch-free; re-exported here), which
-runs::
+A node of the ``train`` step calls ``steps.launch.launch`` (torch-free), which runs::
 
     python -m torch.distributed.run --nnodes N --node_rank I --master_addr A --master_port P \\
         --nproc_per_node G -m steps.train --spec train_spec.json
@@ -48,12 +47,10 @@ import torch
 import torch.distributed as dist
 
 from steps import checkpoint
-from steps.config import Recipe, recipe_from_dict, recipe_to_dict
+from steps.config import Recipe, recipe_from_dict
 from steps import efficiency
+from steps.launch import COLLECTIVE_TIMEOUT_S, TrainSpec
 from steps.objectives import Objective, objective_for
-# The launcher's side lives in steps/launch.py (torch-free, for the Metaflow task); re-exported here.
-from steps.launch import (COLLECTIVE_TIMEOUT_S, PROJECT_ROOT, FailureSummary, TrainSpec, launch,  # noqa: F401
-                          master_port_for, resume_roots_for, run_node)
 
 
 class InjectedFailure(RuntimeError):

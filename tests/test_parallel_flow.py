@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from steps import checkpoint, train
+from steps import checkpoint, launch, train
 from steps.config import load_recipe, recipe_to_dict
 from test_flow import run_flow, small_recipe
 
@@ -35,12 +35,12 @@ def test_two_nodes_retry_past_a_failure_and_equal_one_node_with_two_ranks(tmp_pa
     # The same recipe on one node with two ranks, on the same packed tokens.
     recipe = load_recipe(recipe_path)
     recipe.train.fail_at_step = None
-    one_node = train.TrainSpec(recipe=recipe_to_dict(recipe), base_model=data.base_model_path,
+    one_node = launch.TrainSpec(recipe=recipe_to_dict(recipe), base_model=data.base_model_path,
                                token_uris=data.token_stats["train"]["uris"],
                                checkpoint_root=str(tmp_path / "one-node"), resume_roots=[],
                                pad_id=_pad_id(data.base_model_path))
     one_node.write(tmp_path / "one-node.json")
-    train.launch(tmp_path / "one-node.json", num_nodes=1, node_rank=0, nproc_per_node=2,
+    launch.launch(tmp_path / "one-node.json", num_nodes=1, node_rank=0, nproc_per_node=2,
                  master_addr="127.0.0.1", master_port=0)
     expected = checkpoint.read_state(checkpoint.list_checkpoints(tmp_path / "one-node")[-1])["train_curve"]
     assert [r["step"] for r in data.train_curve] == [1, 2, 3, 4, 5, 6]

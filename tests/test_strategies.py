@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from steps import checkpoint, train
+from steps import checkpoint, launch, train
+from conftest import _free_port
 from test_train import _final_weights, _recipe, _spec, token_uris  # noqa: F401, F811  (a fixture)
 
 
@@ -25,7 +26,7 @@ def _curve(root):
 
 
 def _launch(spec, nproc, log_path=None):
-    train.launch(spec, num_nodes=1, node_rank=0, nproc_per_node=nproc, master_addr="127.0.0.1",
+    launch.launch(spec, num_nodes=1, node_rank=0, nproc_per_node=nproc, master_addr="127.0.0.1",
                  master_port=0, log_path=log_path)
 
 
@@ -151,11 +152,11 @@ def test_resume_from_starts_a_fresh_run_at_another_runs_checkpoint(tmp_path, bui
                    tmp_path / "run1" / "checkpoints" / "step-000003"):
         assert checkpoint.latest_checkpoint([source]).name == "step-000003"
     recipe = _lean(tmp_path, resume_from=str(tmp_path / "run1"), keep_last=1, save_every_steps=1)
-    roots = train.resume_roots_for(recipe, origin_run_root=None)
+    roots = launch.resume_roots_for(recipe, origin_run_root=None)
     assert roots == [str(tmp_path / "run1")]
-    assert train.resume_roots_for(recipe, origin_run_root="/store/SFTFlow/17") == [
+    assert launch.resume_roots_for(recipe, origin_run_root="/store/SFTFlow/17") == [
         "/store/SFTFlow/17/checkpoints", str(tmp_path / "run1")]  # a `resume` also searches its origin
-    spec = train.TrainSpec.read(_spec(recipe, builtin_model_dir, token_uris, tmp_path / "run2"))
+    spec = launch.TrainSpec.read(_spec(recipe, builtin_model_dir, token_uris, tmp_path / "run2"))
     spec.resume_roots = roots
     spec.write(tmp_path / "spec-run2.json")
     train.main(str(tmp_path / "spec-run2.json"))
@@ -247,18 +248,10 @@ def test_a_node_that_never_starts_fails_the_other_at_the_rendezvous_timeout(tmp_
     spec = _spec(_lean(tmp_path), builtin_model_dir, token_uris, tmp_path / "ckpt")
     started = time.monotonic()
     with pytest.raises(RuntimeError) as failure:
-        train.launch(spec, num_nodes=2, node_rank=0, nproc_per_node=1, master_addr="127.0.0.1",
+        launch.launch(spec, num_nodes=2, node_rank=0, nproc_per_node=1, master_addr="127.0.0.1",
                      master_port=_free_port(), rendezvous_timeout_s=5)
     assert time.monotonic() - started < 60
     message = str(failure.value)
     assert re.search(r"torchrun on node 0 exited with code 1: rendezvous timed out after [56] s: 1 of 2 nodes joined",
                      message), message
     assert not (tmp_path / "ckpt").exists() or not list((tmp_path / "ckpt").iterdir())
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from steps import chat, checkpoint, train
+from steps import chat, checkpoint, launch, train
 from steps.config import recipe_from_dict, recipe_to_dict
 from steps.ingest import ingest
 
@@ -36,7 +36,7 @@ def token_uris(tmp_path_factory, builtin_model_dir):
 def _spec(recipe, model_dir, uris, ckpt_root, tokenizer_pad=None) -> Path:
     from steps.models import load_tokenizer
 
-    spec = train.TrainSpec(recipe=recipe_to_dict(recipe), base_model=str(model_dir), token_uris=uris,
+    spec = launch.TrainSpec(recipe=recipe_to_dict(recipe), base_model=str(model_dir), token_uris=uris,
                            checkpoint_root=str(ckpt_root), resume_roots=[],
                            pad_id=load_tokenizer(model_dir).pad_token_id)
     path = Path(ckpt_root).parent / f"spec-{Path(ckpt_root).name}.json"
@@ -111,7 +111,7 @@ def test_two_ranks_see_the_same_data_and_loss_as_one(tmp_path, builtin_model_dir
     one = _spec(recipe, builtin_model_dir, token_uris, tmp_path / "one")
     two = _spec(recipe, builtin_model_dir, token_uris, tmp_path / "two")
     for spec, nproc in ((one, 1), (two, 2)):
-        train.launch(spec, num_nodes=1, node_rank=0, nproc_per_node=nproc, master_addr="127.0.0.1",
+        launch.launch(spec, num_nodes=1, node_rank=0, nproc_per_node=nproc, master_addr="127.0.0.1",
                      master_port=0)
     curve = {name: checkpoint.read_state(checkpoint.list_checkpoints(tmp_path / name)[-1])["train_curve"]
              for name in ("one", "two")}
