@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import pyarrow.parquet as pq
 
 # Columns of the checkpoint metrics table, in this order, when a row has them.
-METRIC_KEYS = ("task_score", "search_hit_at_1", "qa_accuracy", "eval_loss", "perplexity",
+METRIC_KEYS = ("task_score", "recommend_valid", "search_hit_at_1", "qa_accuracy", "eval_loss", "perplexity",
                "token_accuracy")
 _TRAINED_RUN = re.compile(r"\[\[(.*?)\]\]", re.DOTALL)
 

@@ -449,7 +449,7 @@ def split_teacher_row(rows: list[dict]) -> tuple[list[dict], dict]:
     return [row for row in rows if row["checkpoint"] != TEACHER_CHECKPOINT], teacher[0]
 
 
-REPORT_METRICS = ("task_score", "search_hit_at_1", "qa_accuracy", "eval_loss", "perplexity",
+REPORT_METRICS = ("task_score", "recommend_valid", "search_hit_at_1", "qa_accuracy", "eval_loss", "perplexity",
                   "assistant_token_accuracy")
 
 

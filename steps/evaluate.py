@@ -13,6 +13,10 @@ Two kinds of numbers per checkpoint:
     {"eval_loss": 2.31, "perplexity": 10.07, "assistant_token_accuracy": 0.52, "num_eval_tokens": 41230,
      "task_score": 0.64, ..., "num_task_prompts": 200}
 
+The row also holds ``per_request``: the recipe's ``evaluate.select_metric`` of each answer
+alone (when the evaluators return that metric), so two models scored on the same requests can
+be compared pairwise (``paired_difference``; the run summary prints it against the base model).
+
 ``select_best`` then picks the best row of such dicts by the recipe's metric.
 """
 
@@ -158,10 +162,28 @@ def generate_greedy(
 
     The tokenizer is not modified (padding is done here, not with ``padding_side``).
     """
+    return [answers[0] for answers in generate_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                                       batch_size=batch_size)]
+
+
+def generate_answers(
+    model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int, batch_size: int,
+    num_samples: int = 1, temperature: float = 0.0, seed: int = 0,
+) -> list[list[str]]:
+    """``num_samples`` answers to each of ``prompts``: greedy (``temperature`` 0) or sampled.
+
+    Batched as :func:`generate_greedy` describes (which is this with one greedy answer).
+    Sampling draws from the model's softmax at ``temperature`` (no top-k / top-p), seeded with
+    ``seed`` once before the first batch, so the same call gives the same answers. Returns one
+    list of ``num_samples`` answers per prompt, in the order of ``prompts``.
+    """
     import torch
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if num_samples < 1 or temperature < 0 or (num_samples > 1 and temperature == 0):
+        raise ValueError(f"need num_samples >= 1 and temperature >= 0, and temperature > 0 for several samples; "
+                         f"got num_samples={num_samples}, temperature={temperature}")
     eos_ids = _eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     device = next(model.parameters()).device
@@ -172,7 +194,11 @@ def generate_greedy(
         for messages in prompts
     ]
     order = sorted(range(len(prompts)), key=lambda index: (-len(prompt_ids[index]), index))
-    answers: list[str] = [""] * len(prompts)
+    answers: list[list[str]] = [[] for _ in prompts]
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": None, "top_p": None,
+                "num_return_sequences": num_samples} if temperature > 0 else {"do_sample": False}
+    if temperature > 0:
+        torch.manual_seed(seed)
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
             indices = order[start:start + batch_size]
@@ -186,15 +212,16 @@ def generate_greedy(
             output = model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=attention_mask.to(device),
-                do_sample=False,
+                **sampling,
                 use_cache=True,
                 max_new_tokens=max_new_tokens,
                 pad_token_id=pad_id,
                 eos_token_id=eos_ids,
             )
             for row, index in enumerate(indices):
-                new_tokens = output[row, width:].tolist()
-                answers[index] = tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+                for sample in range(num_samples):  # generate() returns a prompt's samples side by side
+                    new_tokens = output[row * num_samples + sample, width:].tolist()
+                    answers[index].append(tokenizer.decode(new_tokens, skip_special_tokens=True).strip())
     return answers
 
 
@@ -236,6 +263,23 @@ def load_evaluator(spec: str) -> Evaluator:
     return function
 
 
+def scorers_of(evaluators: Sequence[str]) -> str:
+    """The evaluators as the registry records them: ``spec@version`` (or ``spec``), comma-separated.
+
+    The gate compares two versions' metrics only when these are equal too, so a change to an
+    evaluator's numbers (its ``version`` attribute) is never mistaken for a better model.
+
+    Example:
+        >>> scorers_of(["builtin:catalog", "json:dumps"])
+        'builtin:catalog@2,json:dumps'
+    """
+    labels = []
+    for spec in evaluators:
+        version = getattr(load_evaluator(spec), "version", None)
+        labels.append(spec if version is None else f"{spec}@{version}")
+    return ",".join(labels)
+
+
 def _read_task_records(data_uris: Sequence[str], num_prompts: int) -> list[dict]:
     """The first ``num_prompts`` records (shard order, then row order) whose meta is not empty."""
     records: list[dict] = []
@@ -260,13 +304,17 @@ def task_metrics(
     num_prompts: int,
     max_new_tokens: int,
     batch_size: int,
+    per_request_metric: str | None = None,
 ) -> dict:
     """Generate greedy answers to held-out requests and score them with every evaluator.
 
     The requests are the first ``num_prompts`` eval records with a non-empty ``meta``; each
     prompt is the conversation up to its final assistant turn (``task_prompt``). Every
     evaluator gets the same ``(records, answers)``; their dicts are merged (a metric name
-    two evaluators both return is an error), plus ``num_task_prompts``.
+    two evaluators both return is an error), plus ``num_task_prompts``. With
+    ``per_request_metric`` (a metric that is a mean over requests, such as ``task_score``), the
+    dict also holds ``per_request``: that metric of each answer alone (:func:`answer_scores`), in
+    request order, for paired comparisons (:func:`paired_difference`).
     """
     from steps.builtin.catalog import task_prompt
 
@@ -286,7 +334,46 @@ def task_metrics(
         scores = evaluator(records, answers)
         _merge_into(metrics, scores, source=f"evaluator {spec!r}")
     _merge_into(metrics, {"num_task_prompts": len(records)}, source="task_metrics")
+    if per_request_metric is not None and per_request_metric in metrics:
+        metrics["per_request"] = {"metric": per_request_metric,
+                                  "scores": answer_scores(loaded, per_request_metric, records, answers)}
     return metrics
+
+
+def paired_difference(base: Sequence[float], model: Sequence[float]) -> dict:
+    """How ``model`` differs from ``base`` on the same requests: the mean difference of their per-request
+    scores with a 95% normal interval (``1.96 * sd / sqrt(n)`` of the differences), and how many
+    requests got better or worse. Pairing removes the requests' own difficulty from the noise.
+
+    Example:
+        >>> paired_difference([1, 0, 0, 1], [1, 1, 1, 0])
+        {'num_requests': 4, 'difference': 0.25, 'ci95': 0.9380831519646858, 'better': 2, 'worse': 1}
+    """
+    if len(base) != len(model) or not base:
+        raise ValueError(f"need the same, non-zero number of requests; got {len(base)} and {len(model)}")
+    diffs = [float(m) - float(b) for b, m in zip(base, model, strict=True)]
+    mean = sum(diffs) / len(diffs)
+    variance = sum((d - mean) ** 2 for d in diffs) / max(len(diffs) - 1, 1)
+    return {"num_requests": len(diffs), "difference": mean, "ci95": 1.96 * math.sqrt(variance / len(diffs)),
+            "better": sum(d > 0 for d in diffs), "worse": sum(d < 0 for d in diffs)}
+
+
+def answer_scores(evaluators: Sequence, metric: str, records: Sequence[dict], answers: Sequence[str]) -> list[float]:
+    """Each answer's ``metric`` on its own: every evaluator scores ``([record], [answer])``.
+
+    The evaluator API is ``(records, answers) -> metrics``; on one record, a metric that is a
+    mean over records (the catalog's ``task_score``) is that answer's score.
+    """
+    scores = []
+    for record, answer in zip(records, answers, strict=True):
+        merged: dict = {}
+        for evaluator in evaluators:
+            merged.update(evaluator([record], [answer]))
+        if metric not in merged:
+            raise ValueError(f"answers are judged one by one by evaluate.select_metric {metric!r}, which the "
+                             f"evaluators do not return (they return {sorted(merged)})")
+        scores.append(float(merged[metric]))
+    return scores
 
 
 def _merge_into(target: dict, new: Mapping[str, Any], *, source: str) -> None:
@@ -334,6 +421,7 @@ def evaluate_model(model_dir: str | Path, *, token_uris: list[str], data_uris: l
         num_prompts=recipe.evaluate.num_task_prompts,
         max_new_tokens=recipe.evaluate.max_new_tokens,
         batch_size=recipe.evaluate.generation_batch_size,
+        per_request_metric=recipe.evaluate.select_metric,
     )
     _merge_into(metrics, task, source="task_metrics")
     return metrics

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from steps import checkpoint, storage
 from steps.config import Recipe
+from steps.evaluate import paired_difference, scorers_of
 from steps.registry import ModelVersion, Registry
 
 
@@ -26,7 +27,8 @@ def register_best(recipe: Recipe, best: dict, eval_metrics: list[dict], lineage:
         "base_model": lineage["base_model"],
         "dataset_fingerprint": dataset_manifest["fingerprint"],
         "eval_set": {"num_conversations": dataset_manifest["splits"]["eval"]["num_conversations"],
-                     "fingerprint": dataset_manifest["splits"]["eval"]["fingerprint"]},
+                     "fingerprint": dataset_manifest["splits"]["eval"]["fingerprint"],
+                     "scorers": scorers_of(recipe.evaluate.evaluators)},
         "checkpoint": best["checkpoint"],
         "metrics": _numbers(best),
         "baseline_metrics": _numbers(baseline) if baseline else None,
@@ -38,7 +40,8 @@ def promote(recipe: Recipe, version: ModelVersion, pathspec: str) -> dict:
     """Move the recipe's alias (``champion``) to ``version`` only if it beats the holder.
 
     The gate compares ``promote.metric`` of both manifests, and only when both were scored on
-    the same eval split (``manifest["eval_set"]["fingerprint"]``). The decision, with its
+    the same eval split by the same evaluator versions (``manifest["eval_set"]``: ``fingerprint``
+    and ``scorers``). The decision, with its
     numbers, is returned (the flow keeps it as ``promotion``) and written beside the version as
     ``promotion.json``; the manifest itself stays immutable.
     """
@@ -52,11 +55,16 @@ def summary(recipe: Recipe, name: str, version: int, uri: str, eval_metrics: lis
             promotion: dict) -> str:
     """A few lines for the end of a run: where the model is, how it compares, how to load it."""
     baseline = next((row for row in eval_metrics if row["checkpoint"] == "base"), {})
-    keys = [k for k in ("task_score", "search_hit_at_1", "qa_accuracy", "eval_loss", "perplexity",
+    keys = [k for k in ("task_score", "recommend_valid", "search_hit_at_1", "qa_accuracy", "eval_loss", "perplexity",
                         "assistant_token_accuracy") if k in best]
     lines = [f"Registered {name} v{version} ({best['checkpoint']}) at {uri}",
              f"{'metric':<26}{'base':>10}{'model':>10}"]
     lines += [f"{k:<26}{baseline.get(k, float('nan')):>10.4f}{best[k]:>10.4f}" for k in keys]
+    if "per_request" in best and "per_request" in baseline:
+        p = paired_difference(baseline["per_request"]["scores"], best["per_request"]["scores"])
+        lines.append(f"{best['per_request']['metric']} vs base on the same {p['num_requests']} requests: "
+                     f"{p['difference']:+.4f} +- {p['ci95']:.4f} (95%, paired); {p['better']} better, "
+                     f"{p['worse']} worse")
     lines.append(f"{recipe.promote.alias}: {'promoted' if promotion.get('promoted') else 'unchanged'}"
                  f" ({promotion.get('reason', '')})")
     pull = f"python -m steps.registry --root {recipe.registry_root} pull {name} {version} DEST"

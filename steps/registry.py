@@ -469,9 +469,10 @@ class Registry:
 
         "Beats" means ``candidate - champion >= min_delta`` for ``mode="max"`` and
         ``champion - candidate >= min_delta`` for ``mode="min"``, reading
-        ``manifest["metrics"][metric]`` of both. Both must be scored on the same eval set:
-        when their ``manifest["eval_set"]["fingerprint"]`` differ (or only one has one), the
-        numbers are not comparable and the alias stays. With no current holder the candidate
+        ``manifest["metrics"][metric]`` of both. Both must be scored on the same eval set by
+        the same evaluators: when their ``manifest["eval_set"]`` ``fingerprint`` or ``scorers``
+        (evaluator versions) differ (or only one has them), the numbers are not comparable and
+        the alias stays. With no current holder the candidate
         is promoted. A holder without the metric is not replaced (use ``set_alias`` to
         override by hand).
 
@@ -692,8 +693,11 @@ def _metric_of(model_version: ModelVersion, metric: str) -> float | None:
 
 
 def _eval_set_of(model_version: ModelVersion) -> str | None:
-    """The fingerprint of the eval split the version's metrics were computed on, if recorded."""
-    return (model_version.manifest.get("eval_set") or {}).get("fingerprint")
+    """The fingerprint of the eval split the version's metrics were computed on, if recorded,
+    followed by `` scored by <scorers>`` where the manifest names its evaluators' versions."""
+    eval_set = model_version.manifest.get("eval_set") or {}
+    fingerprint, scorers = eval_set.get("fingerprint"), eval_set.get("scorers")
+    return f"{fingerprint} scored by {scorers}" if fingerprint and scorers else fingerprint
 
 
 def _gate_decision(

@@ -284,6 +284,20 @@ def test_task_metrics_scores_the_first_records_with_meta(model, tokenizer, data_
     }
 
 
+def test_task_metrics_per_request_scores_are_each_answer_alone(model, tokenizer, data_uris):
+    RECORDED_CALLS.clear()
+    metrics = task_metrics(model, tokenizer, data_uris, [f"{__name__}:recording_evaluator"],
+                           num_prompts=3, max_new_tokens=6, batch_size=2, per_request_metric="mean_answer_chars")
+    [(records, answers), *single_calls] = RECORDED_CALLS
+    assert [call[0][0]["id"] for call in single_calls] == ["id-1", "id-3", "id-4"]  # one request at a time
+    assert metrics["per_request"] == {"metric": "mean_answer_chars", "scores": [float(len(a)) for a in answers]}
+    assert sum(metrics["per_request"]["scores"]) / 3 == metrics["mean_answer_chars"]
+    # A metric the evaluators do not return gives no per-request scores.
+    assert "per_request" not in task_metrics(model, tokenizer, data_uris, [f"{__name__}:recording_evaluator"],
+                                             num_prompts=1, max_new_tokens=2, batch_size=1,
+                                             per_request_metric="eval_loss")
+
+
 def test_task_metrics_refuses_two_evaluators_with_the_same_metric(model, tokenizer, data_uris):
     with pytest.raises(ValueError, match=r"\['constant'\]"):
         task_metrics(

@@ -301,6 +301,25 @@ def test_gate_refuses_a_champion_scored_on_another_eval_set(root, tmp_path):
     assert same_set["promoted"] is True and registry.aliases("tiny") == {"champion": 3}
 
 
+def test_gate_refuses_a_champion_scored_by_another_evaluator_version(root, tmp_path):
+    # Same eval conversations, but the evaluator's numbers changed meaning (catalog v1 -> v2):
+    # a lower task_score under the new scorer must not be compared with the old one.
+    registry = Registry(root)
+    scorers = ["builtin:catalog@1", "builtin:catalog@2", "builtin:catalog@2"]
+    for index, (scorer, score) in enumerate(zip(scorers, (0.99, 0.85, 0.9))):
+        manifest = {"metrics": {"task_score": score},
+                    "eval_set": {"fingerprint": "evalA", "num_conversations": 80, "scorers": scorer}}
+        registry.register("tiny", make_model_dir(tmp_path / str(index)), manifest)
+    registry.promote_if_better("tiny", 1, metric="task_score", min_delta=0.0)
+    new_scorer = registry.promote_if_better("tiny", 2, metric="task_score", min_delta=0.0)
+    assert new_scorer["promoted"] is False
+    assert new_scorer["reason"] == (
+        "kept: champion v1 was scored on eval set 'evalA scored by builtin:catalog@1', the candidate on "
+        "'evalA scored by builtin:catalog@2'; the numbers are not comparable")
+    registry.set_alias("tiny", "champion", 2)
+    assert registry.promote_if_better("tiny", 3, metric="task_score", min_delta=0.0)["promoted"] is True
+
+
 def test_gate_mode_max_and_float_boundary(root, tmp_path):
     registry = Registry(root)
     for letter, accuracy in zip("abc", (0.5, 0.55, 0.6)):

@@ -27,10 +27,12 @@ Three kinds of conversation are generated (about 50% / 30% / 20%):
 About 30% of conversations have 2 or 3 exchanges, and ``meta`` always describes the
 last one, which is the exchange that is scored. About 30% start with a system prompt.
 
-The task score (:func:`evaluate`) is honest: a recommendation counts only if the
-first catalog title the answer names exists and satisfies every constraint, which
-the generator guarantees is possible because it picks the title first and then
-asks for a subset of that title's attributes.
+The task score (:func:`evaluate`) is the share of held-out requests answered
+correctly, over all three kinds, and it is honest: a recommendation counts only if the
+first catalog title the answer names exists and satisfies every constraint (which the
+generator guarantees is possible: it picks the title first and then asks for a subset
+of that title's attributes); a search only if that title is the one described; a
+question only if the named title's asked facts follow.
 
 The catalog itself is always ``make_catalog(0)`` for the conversations and the
 scorer; the ``seed`` of :func:`generate_conversations` only varies the requests.
@@ -543,9 +545,15 @@ def _meta_dict(record: Mapping[str, Any]) -> dict[str, Any]:
 def evaluate(records: Sequence[Mapping[str, Any]], answers: Sequence[str]) -> dict[str, float]:
     """Score generated ``answers`` to ``task_prompt(record)`` for each record.
 
-    This is the evaluator API: any callable ``(records, answers) -> dict[str, float]``.
-    ``task_score`` is the recommendation validity; search and qa records contribute only to
-    their own metrics (``search_hit_at_1``, ``qa_accuracy``).
+    This is the evaluator API: any callable ``(records, answers) -> dict[str, float]``, with an
+    optional ``version`` attribute that changes whenever its numbers change meaning (the
+    registry's gate compares only versions scored by the same evaluator versions).
+
+    ``task_score`` is the share of all records answered correctly: a valid recommendation
+    (``recommendation_is_valid``), a search hit (``search_hit``) or a correct answer
+    (``qa_correct``), so it is also the mean of the three below weighted by their counts.
+    ``recommend_valid``, ``search_hit_at_1`` and ``qa_accuracy`` are the shares per kind.
+    Version 1 had ``task_score`` = ``recommend_valid``; the default SFT saturates that (~0.99).
 
     Example:
         >>> records = list(generate_conversations(20, seed=0))
@@ -569,10 +577,10 @@ def evaluate(records: Sequence[Mapping[str, Any]], answers: Sequence[str]) -> di
         elif task == "qa":
             num_qa += 1
             num_right += qa_correct(meta, answer)
-    recommend_valid = num_valid / num_recommend if num_recommend else 0.0
+    num_scored = num_recommend + num_search + num_qa
     return {
-        "task_score": recommend_valid,
-        "recommend_valid": recommend_valid,
+        "task_score": (num_valid + num_hits + num_right) / num_scored if num_scored else 0.0,
+        "recommend_valid": num_valid / num_recommend if num_recommend else 0.0,
         "search_hit_at_1": num_hits / num_search if num_search else 0.0,
         "qa_accuracy": num_right / num_qa if num_qa else 0.0,
         "num_recommend": float(num_recommend),
@@ -581,6 +589,7 @@ def evaluate(records: Sequence[Mapping[str, Any]], answers: Sequence[str]) -> di
     }
 
 
+evaluate.version = 2  # type: ignore[attr-defined]  # 1: task_score was recommend_valid alone
 CATALOG_EVALUATOR = evaluate
 
 
