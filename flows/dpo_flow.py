@@ -23,7 +23,9 @@ STEPS_DIR = Path(__file__).resolve().parent.parent / "steps"
 class DPOFlow(FlowSpec):
     """Train a policy to prefer the chosen over the rejected answer of preference pairs (DPO).
 
-    start (policy = latest SFT version, reference) -> ingest (pairs) -> tokenize (+ reference log-probs)
+    start (policy = latest SFT version, reference) -> ingest (pairs)
+          -> on_policy (dpo.rejected: on_policy: the policy's own failing answers become the rejected ones)
+          -> tokenize (+ reference log-probs)
           -> train (@parallel, objective "dpo") -> join_train -> plan_evaluation
           -> evaluate (foreach: held-out pairs + task metrics) -> join_evaluate -> register -> end
 
@@ -59,6 +61,17 @@ class DPOFlow(FlowSpec):
         from steps import dpo, ingest
 
         self.dataset_manifest = ingest.ingest(self.spec, self.run_root, record_format=dpo.PAIRS)
+        self.next(self.on_policy)
+
+    @step
+    def on_policy(self):
+        """With dpo.rejected 'on_policy': the starting policy answers the training prompts, and an answer
+        the evaluators score below the chosen one becomes the pair's rejected answer. Else nothing."""
+        from steps import dpo
+
+        if self.spec.dpo.rejected == "on_policy":
+            self.dataset_manifest = dpo.on_policy_rejected(self.spec, self.base_model_path, self.dataset_manifest,
+                                                           self.run_root)
         self.next(self.tokenize)
 
     @step

@@ -394,6 +394,18 @@ class DPOConfig:
     """Weight of the chosen response's mean token negative log-likelihood, added to each pair's loss
     (RPO, Pang et al., 2024). DPO alone lowers the likelihood of both answers; this keeps the chosen
     one likely. 0 = plain DPO (as TRL's loss types ``sigmoid`` / ``ipo``)."""
+    rejected: Literal["dataset", "on_policy"] = "dataset"
+    """Where the training pairs' rejected answers come from. ``dataset``: as ingested.
+    ``on_policy``: the starting policy answers every training prompt (greedy, plus
+    ``on_policy_samples`` sampled answers), the recipe's evaluators judge each answer alone
+    by ``evaluate.select_metric``, and the first answer that scores worse than the chosen one
+    (greedy first) becomes the rejected answer: the pairs then target the policy's own
+    mistakes. Pairs whose answers all pass keep the dataset's rejected answer. Held-out pairs
+    stay as ingested, so runs stay comparable. See ``steps.dpo.on_policy_rejected``."""
+    on_policy_samples: int = 4
+    """``rejected: on_policy``: sampled answers per prompt besides the greedy one (0 = greedy only)."""
+    on_policy_temperature: float = 1.0
+    """``rejected: on_policy``: the sampling temperature (1 = the policy's own distribution)."""
 
     def validate(self, path: str) -> None:
         for name in ("policy", "reference"):
@@ -405,6 +417,12 @@ class DPOConfig:
         _check(self.beta > 0, f"{path}.beta", "> 0", self.beta)
         _check(0 <= self.label_smoothing < 0.5, f"{path}.label_smoothing", "in [0, 0.5)", self.label_smoothing)
         _check(self.sft_weight >= 0, f"{path}.sft_weight", ">= 0", self.sft_weight)
+        _check(self.rejected in ("dataset", "on_policy"), f"{path}.rejected", "'dataset' or 'on_policy'",
+               self.rejected)
+        _check(self.on_policy_samples >= 0, f"{path}.on_policy_samples", ">= 0", self.on_policy_samples)
+        _check(self.on_policy_temperature > 0, f"{path}.on_policy_temperature", "> 0", self.on_policy_temperature)
+        if self.rejected == "dataset" and (self.on_policy_samples != 4 or self.on_policy_temperature != 1.0):
+            warn_ignored(f"{path}.on_policy_*", "they apply to rejected 'on_policy' only")
         if self.loss == "ipo" and self.label_smoothing:
             warn_ignored(f"{path}.label_smoothing", "it applies to loss 'sigmoid' only")
 
@@ -439,6 +457,9 @@ class Recipe:
         self.retrain.validate("retrain")
         self.distill.validate("distill")
         self.dpo.validate("dpo")
+        _check(self.dpo.rejected == "dataset" or bool(self.evaluate.evaluators), "evaluate.evaluators",
+               "at least one evaluator (dpo.rejected 'on_policy' judges the policy's answers with them)",
+               self.evaluate.evaluators)
         t = self.train
         _check(t.micro_batch_tokens % self.tokenize.max_seq_tokens == 0, "train.micro_batch_tokens",
                f"a multiple of tokenize.max_seq_tokens ({self.tokenize.max_seq_tokens})",

@@ -6,7 +6,8 @@ DPO reuses every SFT step; what is its own lives here:
   ``{"prompt": messages, "chosen": assistant message(s), "rejected": assistant message(s)}``, or
   the flat form with strings (``{"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."}``),
   validated by ``steps.ingest.normalize_record`` (prompt + response), rejected with reasons,
-  deduped and split by a hash of the pair, exactly as SFT conversations are.
+  deduped by a hash of the pair as SFT conversations are, and split by a hash of the prompt
+  (:func:`prompt_key`), so all pairs of one prompt are on one side.
 - **Tokens** (:func:`tokenize_pairs`): ``prompt + chosen`` and ``prompt + rejected`` are each
   rendered by ``steps.chat.tokenize_conversation`` (only the response is trained), and a pair's
   two sequences are packed into the same row, one after the other, so a micro-batch always
@@ -126,14 +127,27 @@ def normalize_pair(record: object) -> dict:
     return pair
 
 
-def pair_id(pair: dict) -> str:
-    """sha256 of the normalized pair: it dedupes pairs and decides their split (``ingest.split_of``)."""
-    canonical = json.dumps([[[m["role"], m["content"], m["train"]] for m in pair[key]]
-                            for key in ("prompt", "chosen", "rejected")], ensure_ascii=False, separators=(",", ":"))
+def _digest(pair: dict, keys: Sequence[str]) -> str:
+    canonical = json.dumps([[[m["role"], m["content"], m["train"]] for m in pair[key]] for key in keys],
+                           ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-PAIRS = ingest.RecordFormat(schema=PAIR_SCHEMA, normalize=normalize_pair, record_id=pair_id)
+def pair_id(pair: dict) -> str:
+    """sha256 of the normalized pair: it dedupes pairs."""
+    return _digest(pair, ("prompt", "chosen", "rejected"))
+
+
+def prompt_key(pair: dict) -> str:
+    """sha256 of the normalized prompt: it decides the pair's split (``ingest.split_of``).
+
+    Every pair of one prompt lands on the same side, so no prompt is both trained on and held
+    out, and other responses to a prompt (new rejected answers) leave the eval set unchanged.
+    """
+    return _digest(pair, ("prompt",))
+
+
+PAIRS = ingest.RecordFormat(schema=PAIR_SCHEMA, normalize=normalize_pair, record_id=pair_id, split_key=prompt_key)
 """Preference pairs for ``steps.ingest.ingest(recipe, run_root, record_format=PAIRS)``."""
 
 
@@ -379,6 +393,103 @@ def tokenize_splits(recipe: Recipe, policy_path: str | Path, reference_path: str
     stats["example"] = example_masked_text(tokenizer, first["input_ids"][:pair_end], first["labels"][:pair_end])
     stats["packing_efficiency"] = stats["train"]["packing_efficiency"]
     return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# On-policy rejected answers (dpo.rejected: on_policy)
+# ---------------------------------------------------------------------------------------------
+
+def first_failing(chosen_score: float, candidates: Sequence[tuple[str, float]], mode: str) -> int | None:
+    """The index of the first candidate ``(answer, score)`` that scores worse than the chosen answer.
+
+    Empty answers are skipped (a rejected response needs content).
+
+    >>> first_failing(1.0, [("right", 1.0), ("", 0.0), ("wrong", 0.0)], "max")
+    2
+    >>> first_failing(0.5, [("a", 0.5), ("b", 0.75)], "max") is None
+    True
+    >>> first_failing(0.2, [("lower loss", 0.1), ("higher loss", 0.3)], "min")
+    1
+    """
+    for index, (answer, score) in enumerate(candidates):
+        if answer.strip() and _worse(score, chosen_score, mode):
+            return index
+    return None
+
+
+def _worse(score: float, reference: float, mode: str) -> bool:
+    return score < reference if mode == "max" else score > reference
+
+
+def on_policy_rejected(recipe: Recipe, policy_path: str | Path, dataset_manifest: dict, run_root: str) -> dict:
+    """Replace the training pairs' rejected answers with the starting policy's own failing answers.
+
+    For every training pair the policy answers the prompt greedily and ``dpo.on_policy_samples``
+    times at ``dpo.on_policy_temperature`` (seeded by the recipe's seed; same generation limits
+    as the task metrics). The recipe's evaluators score the chosen answer and each policy answer
+    alone by ``evaluate.select_metric`` (better = ``evaluate.select_mode``); the first answer that
+    scores worse than the chosen one, greedy first, becomes the pair's rejected answer::
+
+        prompt   "Which 1987 thriller stars Ana Reyes?"     chosen "The Silent Harbor" (score 1)
+        policy   greedy "Iron Tide" (0)   samples "The Silent Harbor" (1), "Echo at Ashford" (0)
+        pair     chosen "The Silent Harbor"   rejected "Iron Tide"     (the greedy mistake)
+
+    A pair whose policy answers all pass keeps the dataset's rejected answer. The held-out split
+    is not touched. Writes ``<run_root>/data/train-on-policy/part-00000.parquet`` and returns the
+    manifest with that train split and ``on_policy`` statistics: ``num_pairs``,
+    ``greedy_pass_rate`` (the share of training prompts whose greedy answer scores no worse than
+    the chosen one), ``num_from_greedy``,
+    ``num_from_samples``, ``num_kept`` and ``example`` (the first replaced pair).
+    """
+    from steps.evaluate import answer_scores, generate_answers, load_evaluator
+    from steps.models import load_model, load_tokenizer
+    from steps.storage import subdir
+
+    config, metric, mode = recipe.dpo, recipe.evaluate.select_metric, recipe.evaluate.select_mode
+    evaluators = [load_evaluator(spec) for spec in recipe.evaluate.evaluators]
+    pairs = list(read_pairs(dataset_manifest["splits"]["train"]["uris"]))
+    records = [{**pair, "meta": json.loads(pair["meta"] or "{}")} for pair in pairs]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = load_tokenizer(policy_path, recipe.model.trust_remote_code)
+    model = load_model(policy_path, recipe.model.trust_remote_code, "sdpa", device_type=device.type).to(device).eval()
+    prompts = [[{"role": m["role"], "content": m["content"]} for m in pair["prompt"]] for pair in pairs]
+    start = time.perf_counter()
+    limits = {"max_new_tokens": recipe.evaluate.max_new_tokens, "batch_size": recipe.evaluate.generation_batch_size}
+    answers = generate_answers(model, tokenizer, prompts, **limits)
+    if config.on_policy_samples:
+        sampled = generate_answers(model, tokenizer, prompts, num_samples=config.on_policy_samples,
+                                   temperature=config.on_policy_temperature, seed=recipe.seed, **limits)
+        answers = [greedy + more for greedy, more in zip(answers, sampled, strict=True)]
+    seconds = time.perf_counter() - start
+    chosen_scores = answer_scores(evaluators, metric, records, [p["chosen"][-1]["content"] for p in pairs])
+    counts = Counter(num_from_greedy=0, num_from_samples=0, num_kept=0)
+    greedy_passed = 0
+    example = None
+    for pair, prompt, record, chosen_score, candidates in zip(pairs, prompts, records, chosen_scores, answers,
+                                                              strict=True):
+        scores = answer_scores(evaluators, metric, [record] * len(candidates), candidates)
+        greedy_passed += not _worse(scores[0], chosen_score, mode)
+        index = first_failing(chosen_score, list(zip(candidates, scores)), mode)
+        if index is None:
+            counts["num_kept"] += 1
+            continue
+        counts["num_from_greedy" if index == 0 else "num_from_samples"] += 1
+        pair["rejected"] = [{"role": "assistant", "content": candidates[index], "train": True}]
+        example = example or {"prompt": prompt, "chosen": pair["chosen"][-1]["content"],
+                              "rejected": candidates[index], "from": "greedy" if index == 0 else "sample"}
+    out = subdir(run_root, "data", "train-on-policy")
+    for stale in out.glob("part-*.parquet"):  # a retried step must not leave an earlier attempt's shards
+        stale.unlink()
+    path = out / "part-00000.parquet"
+    pq.write_table(pa.Table.from_pylist(pairs, schema=PAIR_SCHEMA), path)
+    stats = {"num_pairs": len(pairs), "greedy_pass_rate": greedy_passed / max(len(pairs), 1), **counts,
+             "num_answers": sum(len(c) for c in answers), "generation_seconds": seconds, "example": example,
+             "judged_by": f"{metric} ({mode}) of {', '.join(recipe.evaluate.evaluators)}"}
+    print(f"on-policy rejected answers: {counts['num_from_greedy']} greedy + {counts['num_from_samples']} sampled "
+          f"of {len(pairs)} training pairs (the policy's greedy answers pass {stats['greedy_pass_rate']:.1%}); "
+          f"{counts['num_kept']} keep the dataset's; {stats['num_answers']} answers in {seconds:.0f} s")
+    train = {**dataset_manifest["splits"]["train"], "uris": [str(path)]}
+    return {**dataset_manifest, "splits": {**dataset_manifest["splits"], "train": train}, "on_policy": stats}
 
 
 # ---------------------------------------------------------------------------------------------

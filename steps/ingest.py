@@ -320,7 +320,10 @@ class RecordFormat:
     normalize: Callable[[object], dict]
     """A raw record -> its content columns (e.g. ``{"messages": [...]}``); raises ``InvalidRecord``."""
     record_id: Callable[[dict], str]
-    """The content columns -> the id that dedupes and decides the split."""
+    """The content columns -> the id that dedupes (and decides the split unless ``split_key`` is set)."""
+    split_key: Callable[[dict], str] | None = None
+    """The content columns -> a hex digest that decides the split, where records sharing it must
+    stay together (preference pairs: the prompt, so no prompt is trained on and held out)."""
 
 
 CONVERSATIONS = RecordFormat(schema=DATA_SCHEMA, normalize=lambda record: {"messages": normalize_record(record)},
@@ -427,7 +430,8 @@ def ingest(recipe: Recipe, run_root: str, record_format: RecordFormat = CONVERSA
                     continue
                 seen.add(record_id)
                 copies = num_copies(record_id, source.weight)
-                split = split_of(record_id, recipe.data.eval_fraction)
+                split_key = record_format.split_key(content) if record_format.split_key else record_id
+                split = split_of(split_key, recipe.data.eval_fraction)
                 if copies == 0:
                     num_weighted_out += 1
                     continue

@@ -67,10 +67,32 @@ def test_pairs_of_both_forms_are_ingested_and_bad_ones_rejected_with_reasons(tmp
     assert flat["rejected"] == [{"role": "assistant", "content": "No.", "train": True}]
     assert by_id[dpo.pair_id(expected[2])]["prompt"][1] == {"role": "assistant", "content": "Hey", "train": False}
     assert json.loads(by_id[dpo.pair_id(expected[0])]["meta"]) == {"task": "x"}
-    # the split is a function of the pair's content only, as in SFT
+    # the split is a function of the prompt only: a prompt's pairs are all on one side
     for split in ("train", "eval"):
         for row in dpo.read_pairs(manifest["splits"][split]["uris"]):
-            assert ingest.split_of(row["id"], 0.4) == split
+            assert ingest.split_of(dpo.prompt_key(row), 0.4) == split
+    assert dpo.prompt_key(expected[0]) != dpo.prompt_key(expected[1])
+
+
+def test_pairs_of_one_prompt_share_a_split_and_new_rejected_answers_keep_the_eval_set(tmp_path):
+    prompts = [f"Name a comedy from {year}." for year in range(1970, 2010)]
+    pairs = [{"prompt": p, "chosen": f"Answer {i}.", "rejected": f"Wrong {i}{k}."}
+             for i, p in enumerate(prompts) for k in range(3)]
+    source = tmp_path / "pairs.jsonl"
+    source.write_text("\n".join(json.dumps(pair) for pair in pairs) + "\n")
+    manifest = ingest.ingest(_recipe(tmp_path, data={"sources": [{"uri": str(source)}], "eval_fraction": 0.3}),
+                             str(tmp_path / "run"), record_format=dpo.PAIRS)
+    sides = {split: [row["prompt"][0]["content"] for row in dpo.read_pairs(manifest["splits"][split]["uris"])]
+             for split in ("train", "eval")}
+    assert not set(sides["train"]) & set(sides["eval"]) and set(sides["train"]) | set(sides["eval"]) == set(prompts)
+    assert all(sides[split].count(prompt) == 3 for split in sides for prompt in sides[split])
+    assert 0 < len(set(sides["eval"])) < len(prompts)
+    # Other rejected answers: other pairs, the same split of every prompt.
+    source.write_text("\n".join(json.dumps({**pair, "rejected": pair["rejected"] + " Really."}) for pair in pairs))
+    again = ingest.ingest(_recipe(tmp_path, data={"sources": [{"uri": str(source)}], "eval_fraction": 0.3}),
+                          str(tmp_path / "run2"), record_format=dpo.PAIRS)
+    assert sorted(row["prompt"][0]["content"] for row in dpo.read_pairs(again["splits"]["eval"]["uris"])) == sorted(
+        sides["eval"])
 
 
 def test_catalog_pairs_prefer_the_answer_that_satisfies_the_request():
@@ -267,7 +289,7 @@ def _catalog_rows(tmp_path, builtin_model_dir, num_pairs=16):
 
     source = tmp_path / "pairs.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in builtin_dataset("catalog-pairs", num_pairs, 0)))
-    recipe = _recipe(tmp_path, data={"sources": [{"uri": str(source)}], "eval_fraction": 0.05})
+    recipe = _recipe(tmp_path, data={"sources": [{"uri": str(source)}], "eval_fraction": 0.2})
     manifest = ingest.ingest(recipe, str(tmp_path / "run"), record_format=dpo.PAIRS)
     tokenizer = load_tokenizer(builtin_model_dir)
     _, rows = dpo.tokenize_pairs(tokenizer, manifest["splits"]["train"]["uris"], max_seq_tokens=256)
@@ -347,6 +369,82 @@ def test_policy_is_the_latest_registered_version_or_the_base_model(tmp_path, bui
 
 
 # ---------------------------------------------------------------------------------------------
+# On-policy rejected answers
+
+JUDGE = """
+def even_length(records, answers):
+    # Only the answer matters: an even number of characters passes.
+    return {"task_score": sum(len(a) % 2 == 0 for a in answers) / len(answers)}
+"""
+
+
+def test_on_policy_rejected_answers_are_the_policys_first_failing_answers(tmp_path, builtin_model_dir, monkeypatch):
+    from steps.evaluate import generate_answers
+    from steps.models import load_model, load_tokenizer
+
+    (tmp_path / "judges").mkdir()
+    (tmp_path / "judges" / "onpolicy_judge.py").write_text(JUDGE)
+    monkeypatch.syspath_prepend(str(tmp_path / "judges"))
+    recipe = _recipe(tmp_path, seed=3, model={"base": str(builtin_model_dir)},
+                     data={"sources": [{"uri": "builtin:catalog-pairs"}], "builtin_num_conversations": 48,
+                           "eval_fraction": 0.25},
+                     evaluate={"evaluators": ["onpolicy_judge:even_length"], "max_new_tokens": 6,
+                               "generation_batch_size": 16},
+                     dpo={"rejected": "on_policy", "on_policy_samples": 2, "on_policy_temperature": 1.5})
+    run_root = str(tmp_path / "run")
+    manifest = ingest.ingest(recipe, run_root, record_format=dpo.PAIRS)
+    before = list(dpo.read_pairs(manifest["splits"]["train"]["uris"]))
+
+    after_manifest = dpo.on_policy_rejected(recipe, builtin_model_dir, manifest, run_root)
+
+    assert after_manifest["splits"]["eval"] == manifest["splits"]["eval"]  # held-out pairs stay as ingested
+    after = list(dpo.read_pairs(after_manifest["splits"]["train"]["uris"]))
+    assert [p["id"] for p in after] == [p["id"] for p in before]
+    assert [(p["prompt"], p["chosen"], p["meta"]) for p in after] == [(p["prompt"], p["chosen"], p["meta"])
+                                                                      for p in before]
+    # The expected choice, from the same generations: the greedy answer, else the samples, in order.
+    tokenizer, model = load_tokenizer(builtin_model_dir), load_model(builtin_model_dir).eval()
+    prompts = [[{"role": m["role"], "content": m["content"]} for m in p["prompt"]] for p in before]
+    greedy = generate_answers(model, tokenizer, prompts, max_new_tokens=6, batch_size=16)
+    sampled = generate_answers(model, tokenizer, prompts, max_new_tokens=6, batch_size=16, num_samples=2,
+                               temperature=1.5, seed=3)
+    expected, sources = [], []
+    for pair, answers in zip(before, (g + s for g, s in zip(greedy, sampled))):
+        chosen_passes = len(pair["chosen"][-1]["content"]) % 2 == 0
+        failing = [i for i, a in enumerate(answers) if a.strip() and len(a) % 2 == 1 and chosen_passes]
+        expected.append(answers[failing[0]] if failing else pair["rejected"][-1]["content"])
+        sources.append("greedy" if failing and failing[0] == 0 else "sample" if failing else "kept")
+    assert [p["rejected"][-1]["content"] for p in after] == expected
+    stats = after_manifest["on_policy"]
+    assert (stats["num_from_greedy"], stats["num_from_samples"], stats["num_kept"]) == tuple(
+        sources.count(source) for source in ("greedy", "sample", "kept"))
+    assert min(stats["num_from_greedy"], stats["num_from_samples"], stats["num_kept"]) > 0  # every branch ran
+    # Passing means scoring no worse than the chosen answer (an odd-length chosen answer cannot be beaten).
+    greedy_passes = [len(g[0]) % 2 == 0 or len(p["chosen"][-1]["content"]) % 2 == 1 for g, p in zip(greedy, before)]
+    assert stats["greedy_pass_rate"] == sum(greedy_passes) / len(before)
+    assert stats["num_answers"] == 3 * len(before) and stats["judged_by"] == "task_score (max) of onpolicy_judge:even_length"
+
+    # The tokenize step reads the new training pairs.
+    tokens = dpo.tokenize_splits(recipe, builtin_model_dir, builtin_model_dir, after_manifest, run_root)
+    assert tokens["train"]["num_pairs"] == len(after)
+
+
+def test_on_policy_rejected_needs_an_evaluator_with_the_select_metric(tmp_path, builtin_model_dir):
+    from steps.config import RecipeError
+
+    with pytest.raises(RecipeError, match="evaluate.evaluators"):
+        _recipe(tmp_path, evaluate={"evaluators": []}, dpo={"rejected": "on_policy"})
+    recipe = _recipe(tmp_path, model={"base": str(builtin_model_dir)},
+                     data={"sources": [{"uri": "builtin:catalog-pairs"}], "builtin_num_conversations": 8,
+                           "eval_fraction": 0.25},
+                     evaluate={"select_metric": "eval_loss", "select_mode": "min", "max_new_tokens": 2},
+                     dpo={"rejected": "on_policy", "on_policy_samples": 0})
+    manifest = ingest.ingest(recipe, str(tmp_path / "run"), record_format=dpo.PAIRS)
+    with pytest.raises(ValueError, match="select_metric 'eval_loss', which the evaluators do not return"):
+        dpo.on_policy_rejected(recipe, builtin_model_dir, manifest, str(tmp_path / "run"))
+
+
+# ---------------------------------------------------------------------------------------------
 # The flow
 
 
@@ -378,7 +476,7 @@ def test_dpo_flow_starts_from_the_registered_sft_model_and_registers_with_lineag
         "tokenize": {"max_seq_tokens": 512},
         "train": {"micro_batch_tokens": 4096, "global_batch_tokens": 4096, "max_steps": 16, "warmup_steps": 2,
                   "lr": 1e-3, "save_every_steps": 16, "log_every_steps": 4},
-        "dpo": {"policy": "registry:catalog-assistant", "beta": 0.5},
+        "dpo": {"policy": "registry:catalog-assistant", "beta": 0.5, "rejected": "on_policy", "on_policy_samples": 1},
         "evaluate": {"num_task_prompts": 8, "max_new_tokens": 16, "generation_batch_size": 8,
                      "select_metric": "reward_accuracy"},
         "register": {"model_name": "catalog-assistant-dpo"},
@@ -398,6 +496,12 @@ def test_dpo_flow_starts_from_the_registered_sft_model_and_registers_with_lineag
     assert trained["num_eval_pairs"] == data.token_stats["eval"]["num_packed_pairs"] > 20
     assert math.isfinite(trained["dpo_loss"]) and "task_score" in trained
     assert [point["step"] for point in data.train_curve] == [4, 8, 12, 16]
+    # The untrained policy answers no catalog request right: its own answers became the rejected ones.
+    on_policy = data.dataset_manifest["on_policy"]
+    assert on_policy["num_pairs"] == data.dataset_manifest["splits"]["train"]["num_conversations"] > 300
+    assert on_policy["greedy_pass_rate"] == 0.0 and on_policy["num_kept"] == 0
+    assert Path(data.dataset_manifest["splits"]["train"]["uris"][0]).parent.name == "train-on-policy"
+    assert data.token_stats["train"]["num_pairs"] == on_policy["num_pairs"]
     # The objective was optimised: on its training pairs the final policy prefers the chosen answer.
     # (Held-out pairs need knowledge of the catalog that a random tiny model does not get in 16
     # steps; from a fine-tuned SFT model they improve too, see the README's DPO section.)
