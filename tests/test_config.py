@@ -53,6 +53,10 @@ def test_round_trip_through_plain_data():
     ({"model": "tiny"}, "recipe field 'model' must be a mapping"),
     ({"evaluate": {"select_mode": "best"}}, "recipe field 'evaluate.select_mode' must be one of ['max', 'min']"),
     ({"promote": {"min_delta": -0.1}}, "recipe field 'promote.min_delta' must be >= 0, got -0.1"),
+    ({"dpo": {"rejected": "sampled"}}, "recipe field 'dpo.rejected' must be one of ['dataset', 'on_policy']"),
+    ({"dpo": {"rejected": "on_policy", "on_policy_samples": -1}},
+     "recipe field 'dpo.on_policy_samples' must be >= 0, got -1"),
+    ({"dpo": {"rejected": "on_policy", "on_policy_temperature": 0}}, "recipe field 'dpo.on_policy_temperature' must be > 0"),
 ])
 def test_bad_recipes_fail_with_the_field_named(data, message):
     with pytest.raises(RecipeError) as err:
@@ -69,3 +73,8 @@ def test_storage_root_resolution(monkeypatch, tmp_path):
     assert recipe_from_dict({}).storage_root == str(tmp_path / "env")
     assert recipe_from_dict({"storage": str(tmp_path / "own")}).storage_root == str(tmp_path / "own")
     assert recipe_from_dict({"storage": str(tmp_path)}).registry_root == str(tmp_path / "registry")
+
+
+def test_on_policy_settings_without_on_policy_rejected_answers_warn():
+    with pytest.warns(UserWarning, match=r"'dpo.on_policy_\*' is ignored: they apply to rejected 'on_policy' only"):
+        recipe_from_dict({"dpo": {"on_policy_samples": 2}})
