@@ -398,7 +398,7 @@ class DPOConfig:
     """Where the training pairs' rejected answers come from. ``dataset``: as ingested.
     ``on_policy``: the starting policy answers every training prompt (greedy, plus
     ``on_policy_samples`` sampled answers), the recipe's evaluators judge each answer alone
-    by ``evaluate.select_metric``, and the first answer that scores worse than the chosen one
+    by ``on_policy_metric``, and the first answer that scores lower than the chosen one
     (greedy first) becomes the rejected answer: the pairs then target the policy's own
     mistakes. Pairs whose answers all pass keep the dataset's rejected answer. Held-out pairs
     stay as ingested, so runs stay comparable. See ``steps.dpo.on_policy_rejected``."""
@@ -406,6 +406,9 @@ class DPOConfig:
     """``rejected: on_policy``: sampled answers per prompt besides the greedy one (0 = greedy only)."""
     on_policy_temperature: float = 1.0
     """``rejected: on_policy``: the sampling temperature (1 = the policy's own distribution)."""
+    on_policy_metric: str = "task_score"
+    """``rejected: on_policy``: the evaluators' metric that judges one answer (higher is better;
+    a mean over requests, such as ``task_score``, is that answer's score when given one request)."""
 
     def validate(self, path: str) -> None:
         for name in ("policy", "reference"):
@@ -421,7 +424,9 @@ class DPOConfig:
                self.rejected)
         _check(self.on_policy_samples >= 0, f"{path}.on_policy_samples", ">= 0", self.on_policy_samples)
         _check(self.on_policy_temperature > 0, f"{path}.on_policy_temperature", "> 0", self.on_policy_temperature)
-        if self.rejected == "dataset" and (self.on_policy_samples != 4 or self.on_policy_temperature != 1.0):
+        _check(bool(self.on_policy_metric), f"{path}.on_policy_metric", "a metric name", self.on_policy_metric)
+        if self.rejected == "dataset" and (self.on_policy_samples != 4 or self.on_policy_temperature != 1.0
+                                           or self.on_policy_metric != "task_score"):
             warn_ignored(f"{path}.on_policy_*", "they apply to rejected 'on_policy' only")
         if self.loss == "ipo" and self.label_smoothing:
             warn_ignored(f"{path}.label_smoothing", "it applies to loss 'sigmoid' only")

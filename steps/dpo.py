@@ -427,8 +427,8 @@ def on_policy_rejected(recipe: Recipe, policy_path: str | Path, dataset_manifest
     For every training pair the policy answers the prompt greedily and ``dpo.on_policy_samples``
     times at ``dpo.on_policy_temperature`` (seeded by the recipe's seed; same generation limits
     as the task metrics). The recipe's evaluators score the chosen answer and each policy answer
-    alone by ``evaluate.select_metric`` (better = ``evaluate.select_mode``); the first answer that
-    scores worse than the chosen one, greedy first, becomes the pair's rejected answer::
+    alone by ``dpo.on_policy_metric`` (higher is better); the first answer that scores lower than
+    the chosen one, greedy first, becomes the pair's rejected answer::
 
         prompt   "Which 1987 thriller stars Ana Reyes?"     chosen "The Silent Harbor" (score 1)
         policy   greedy "Iron Tide" (0)   samples "The Silent Harbor" (1), "Echo at Ashford" (0)
@@ -445,7 +445,7 @@ def on_policy_rejected(recipe: Recipe, policy_path: str | Path, dataset_manifest
     from steps.models import load_model, load_tokenizer
     from steps.storage import subdir
 
-    config, metric, mode = recipe.dpo, recipe.evaluate.select_metric, recipe.evaluate.select_mode
+    config, metric, mode = recipe.dpo, recipe.dpo.on_policy_metric, "max"
     evaluators = [load_evaluator(spec) for spec in recipe.evaluate.evaluators]
     pairs = list(read_pairs(dataset_manifest["splits"]["train"]["uris"]))
     records = [{**pair, "meta": json.loads(pair["meta"] or "{}")} for pair in pairs]
@@ -484,7 +484,7 @@ def on_policy_rejected(recipe: Recipe, policy_path: str | Path, dataset_manifest
     pq.write_table(pa.Table.from_pylist(pairs, schema=PAIR_SCHEMA), path)
     stats = {"num_pairs": len(pairs), "greedy_pass_rate": greedy_passed / max(len(pairs), 1), **counts,
              "num_answers": sum(len(c) for c in answers), "generation_seconds": seconds, "example": example,
-             "judged_by": f"{metric} ({mode}) of {', '.join(recipe.evaluate.evaluators)}"}
+             "judged_by": f"{metric} of {', '.join(recipe.evaluate.evaluators)}"}
     print(f"on-policy rejected answers: {counts['num_from_greedy']} greedy + {counts['num_from_samples']} sampled "
           f"of {len(pairs)} training pairs (the policy's greedy answers pass {stats['greedy_pass_rate']:.1%}); "
           f"{counts['num_kept']} keep the dataset's; {stats['num_answers']} answers in {seconds:.0f} s")

@@ -346,8 +346,9 @@ def paired_difference(base: Sequence[float], model: Sequence[float]) -> dict:
     requests got better or worse. Pairing removes the requests' own difficulty from the noise.
 
     Example:
-        >>> paired_difference([1, 0, 0, 1], [1, 1, 1, 0])
-        {'num_requests': 4, 'difference': 0.25, 'ci95': 0.9380831519646858, 'better': 2, 'worse': 1}
+        >>> p = paired_difference([1, 0, 0, 1], [1, 1, 1, 0])  # differences 0, 1, 1, -1
+        >>> p["difference"], round(p["ci95"], 4), p["better"], p["worse"]   # 1.96 * 0.9574 / sqrt(4)
+        (0.25, 0.9383, 2, 1)
     """
     if len(base) != len(model) or not base:
         raise ValueError(f"need the same, non-zero number of requests; got {len(base)} and {len(model)}")
@@ -370,8 +371,8 @@ def answer_scores(evaluators: Sequence, metric: str, records: Sequence[dict], an
         for evaluator in evaluators:
             merged.update(evaluator([record], [answer]))
         if metric not in merged:
-            raise ValueError(f"answers are judged one by one by evaluate.select_metric {metric!r}, which the "
-                             f"evaluators do not return (they return {sorted(merged)})")
+            raise ValueError(f"answers are judged one by one by {metric!r}, which the evaluators do not "
+                             f"return (they return {sorted(merged)})")
         scores.append(float(merged[metric]))
     return scores
 

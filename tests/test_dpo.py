@@ -422,14 +422,14 @@ def test_on_policy_rejected_answers_are_the_policys_first_failing_answers(tmp_pa
     # Passing means scoring no worse than the chosen answer (an odd-length chosen answer cannot be beaten).
     greedy_passes = [len(g[0]) % 2 == 0 or len(p["chosen"][-1]["content"]) % 2 == 1 for g, p in zip(greedy, before)]
     assert stats["greedy_pass_rate"] == sum(greedy_passes) / len(before)
-    assert stats["num_answers"] == 3 * len(before) and stats["judged_by"] == "task_score (max) of onpolicy_judge:even_length"
+    assert stats["num_answers"] == 3 * len(before) and stats["judged_by"] == "task_score of onpolicy_judge:even_length"
 
     # The tokenize step reads the new training pairs.
     tokens = dpo.tokenize_splits(recipe, builtin_model_dir, builtin_model_dir, after_manifest, run_root)
     assert tokens["train"]["num_pairs"] == len(after)
 
 
-def test_on_policy_rejected_needs_an_evaluator_with_the_select_metric(tmp_path, builtin_model_dir):
+def test_on_policy_rejected_needs_an_evaluator_with_its_metric(tmp_path, builtin_model_dir):
     from steps.config import RecipeError
 
     with pytest.raises(RecipeError, match="evaluate.evaluators"):
@@ -437,10 +437,10 @@ def test_on_policy_rejected_needs_an_evaluator_with_the_select_metric(tmp_path, 
     recipe = _recipe(tmp_path, model={"base": str(builtin_model_dir)},
                      data={"sources": [{"uri": "builtin:catalog-pairs"}], "builtin_num_conversations": 8,
                            "eval_fraction": 0.25},
-                     evaluate={"select_metric": "eval_loss", "select_mode": "min", "max_new_tokens": 2},
-                     dpo={"rejected": "on_policy", "on_policy_samples": 0})
+                     evaluate={"max_new_tokens": 2},
+                     dpo={"rejected": "on_policy", "on_policy_samples": 0, "on_policy_metric": "exact_match"})
     manifest = ingest.ingest(recipe, str(tmp_path / "run"), record_format=dpo.PAIRS)
-    with pytest.raises(ValueError, match="select_metric 'eval_loss', which the evaluators do not return"):
+    with pytest.raises(ValueError, match="'exact_match', which the evaluators do not return"):
         dpo.on_policy_rejected(recipe, builtin_model_dir, manifest, str(tmp_path / "run"))
 
 
@@ -477,7 +477,7 @@ def test_dpo_flow_starts_from_the_registered_sft_model_and_registers_with_lineag
         "train": {"micro_batch_tokens": 4096, "global_batch_tokens": 4096, "max_steps": 16, "warmup_steps": 2,
                   "lr": 1e-3, "save_every_steps": 16, "log_every_steps": 4},
         "dpo": {"policy": "registry:catalog-assistant", "beta": 0.5, "rejected": "on_policy", "on_policy_samples": 1},
-        "evaluate": {"num_task_prompts": 8, "max_new_tokens": 16, "generation_batch_size": 8,
+        "evaluate": {"num_task_prompts": 8, "max_new_tokens": 16, "generation_batch_size": 64,
                      "select_metric": "reward_accuracy"},
         "register": {"model_name": "catalog-assistant-dpo"},
         "promote": {"metric": "reward_accuracy"},
