@@ -425,8 +425,9 @@ class DPOConfig:
         _check(self.on_policy_samples >= 0, f"{path}.on_policy_samples", ">= 0", self.on_policy_samples)
         _check(self.on_policy_temperature > 0, f"{path}.on_policy_temperature", "> 0", self.on_policy_temperature)
         _check(bool(self.on_policy_metric), f"{path}.on_policy_metric", "a metric name", self.on_policy_metric)
-        if self.rejected == "dataset" and (self.on_policy_samples != 4 or self.on_policy_temperature != 1.0
-                                           or self.on_policy_metric != "task_score"):
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        if self.rejected == "dataset" and any(getattr(self, name) != defaults[name] for name in defaults
+                                              if name.startswith("on_policy_")):
             warn_ignored(f"{path}.on_policy_*", "they apply to rejected 'on_policy' only")
         if self.loss == "ipo" and self.label_smoothing:
             warn_ignored(f"{path}.label_smoothing", "it applies to loss 'sigmoid' only")

@@ -42,6 +42,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
+from steps.evaluate import REPORT_METRICS
 from steps.losses import IGNORE_INDEX, num_target_tokens, shifted_targets
 from steps.packing import collate_rows
 
@@ -449,8 +450,6 @@ def split_teacher_row(rows: list[dict]) -> tuple[list[dict], dict]:
     return [row for row in rows if row["checkpoint"] != TEACHER_CHECKPOINT], teacher[0]
 
 
-REPORT_METRICS = ("task_score", "recommend_valid", "search_hit_at_1", "qa_accuracy", "eval_loss", "perplexity",
-                  "assistant_token_accuracy")
 
 
 def teacher_comparison(teacher_row: dict, best: dict, teacher: dict) -> dict:

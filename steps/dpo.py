@@ -399,26 +399,20 @@ def tokenize_splits(recipe: Recipe, policy_path: str | Path, reference_path: str
 # On-policy rejected answers (dpo.rejected: on_policy)
 # ---------------------------------------------------------------------------------------------
 
-def first_failing(chosen_score: float, candidates: Sequence[tuple[str, float]], mode: str) -> int | None:
-    """The index of the first candidate ``(answer, score)`` that scores worse than the chosen answer.
+def first_failing(chosen_score: float, candidates: Sequence[tuple[str, float]]) -> int | None:
+    """The index of the first candidate ``(answer, score)`` that scores lower than the chosen answer.
 
     Empty answers are skipped (a rejected response needs content).
 
-    >>> first_failing(1.0, [("right", 1.0), ("", 0.0), ("wrong", 0.0)], "max")
+    >>> first_failing(1.0, [("right", 1.0), ("", 0.0), ("wrong", 0.0)])
     2
-    >>> first_failing(0.5, [("a", 0.5), ("b", 0.75)], "max") is None
+    >>> first_failing(0.5, [("a", 0.5), ("b", 0.75)]) is None
     True
-    >>> first_failing(0.2, [("lower loss", 0.1), ("higher loss", 0.3)], "min")
-    1
     """
     for index, (answer, score) in enumerate(candidates):
-        if answer.strip() and _worse(score, chosen_score, mode):
+        if answer.strip() and score < chosen_score:
             return index
     return None
-
-
-def _worse(score: float, reference: float, mode: str) -> bool:
-    return score < reference if mode == "max" else score > reference
 
 
 def on_policy_rejected(recipe: Recipe, policy_path: str | Path, dataset_manifest: dict, run_root: str) -> dict:
@@ -445,7 +439,7 @@ def on_policy_rejected(recipe: Recipe, policy_path: str | Path, dataset_manifest
     from steps.models import load_model, load_tokenizer
     from steps.storage import subdir
 
-    config, metric, mode = recipe.dpo, recipe.dpo.on_policy_metric, "max"
+    config, metric = recipe.dpo, recipe.dpo.on_policy_metric
     evaluators = [load_evaluator(spec) for spec in recipe.evaluate.evaluators]
     pairs = list(read_pairs(dataset_manifest["splits"]["train"]["uris"]))
     records = [{**pair, "meta": json.loads(pair["meta"] or "{}")} for pair in pairs]
@@ -468,8 +462,8 @@ def on_policy_rejected(recipe: Recipe, policy_path: str | Path, dataset_manifest
     for pair, prompt, record, chosen_score, candidates in zip(pairs, prompts, records, chosen_scores, answers,
                                                               strict=True):
         scores = answer_scores(evaluators, metric, [record] * len(candidates), candidates)
-        greedy_passed += not _worse(scores[0], chosen_score, mode)
-        index = first_failing(chosen_score, list(zip(candidates, scores)), mode)
+        greedy_passed += scores[0] >= chosen_score
+        index = first_failing(chosen_score, list(zip(candidates, scores)))
         if index is None:
             counts["num_kept"] += 1
             continue

@@ -45,6 +45,10 @@ BASELINE_CHECKPOINT = "base"
 
 _STEP_IN_NAME = re.compile(r"step-(\d+)$")
 
+REPORT_METRICS = ("task_score", "recommend_valid", "search_hit_at_1", "qa_accuracy", "eval_loss", "perplexity",
+                  "assistant_token_accuracy")
+"""The metrics a run's summary compares (those a row has), in this order."""
+
 
 # ---------------------------------------------------------------------------------------------
 # Held-out loss

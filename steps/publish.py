@@ -6,7 +6,7 @@ from pathlib import Path
 
 from steps import checkpoint, storage
 from steps.config import Recipe
-from steps.evaluate import paired_difference, scorers_of
+from steps.evaluate import REPORT_METRICS, paired_difference, scorers_of
 from steps.registry import ModelVersion, Registry
 
 
@@ -55,8 +55,7 @@ def summary(recipe: Recipe, name: str, version: int, uri: str, eval_metrics: lis
             promotion: dict) -> str:
     """A few lines for the end of a run: where the model is, how it compares, how to load it."""
     baseline = next((row for row in eval_metrics if row["checkpoint"] == "base"), {})
-    keys = [k for k in ("task_score", "recommend_valid", "search_hit_at_1", "qa_accuracy", "eval_loss", "perplexity",
-                        "assistant_token_accuracy") if k in best]
+    keys = [k for k in REPORT_METRICS if k in best]
     lines = [f"Registered {name} v{version} ({best['checkpoint']}) at {uri}",
              f"{'metric':<26}{'base':>10}{'model':>10}"]
     lines += [f"{k:<26}{baseline.get(k, float('nan')):>10.4f}{best[k]:>10.4f}" for k in keys]
