@@ -195,7 +195,7 @@ class TrainConfig:
     """Trained tokens per chunk of the chunked cross-entropy."""
     compile: bool = False
     """``torch.compile`` each decoder layer before wrapping (as torchtitan does). On an H100 it
-    took a 0.5B Llama from 19.8% to 27.5% MFU (README, GPU efficiency); the first steps pay the
+    took a 0.5B Llama from 19.8% to 27.5% MFU (docs/benchmarks.md); the first steps pay the
     compilation. Not with DeepSpeed."""
     pad_vocab_multiple: int = 0
     """Pad the embedding and LM head to a multiple of this many rows while training (64 keeps the

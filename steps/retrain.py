@@ -1,9 +1,11 @@
 """The scheduled retrain: which data is new, what to warm-start from, which eval set to keep.
 
 New data arrives as files ("drops") under ``retrain.drops`` (a folder or ``s3://`` prefix),
-for example one JSONL file per day. A retrain consumes every drop that the last successful
-retrain of the same project branch had not consumed; the flow reads that watermark back
-through the Metaflow Client and passes it here, so this module stays metaflow-free::
+for example one JSONL file per day: every file at any depth whose name ends in ``.jsonl``,
+``.jsonl.gz`` or ``.parquet`` is one drop, known by its full path. A retrain consumes every
+drop that the last successful retrain of the same project branch had not consumed; the flow
+reads that watermark (its ``consumed_drops``) back through the Metaflow Client and passes it
+here, so this module stays metaflow-free. How to feed it: docs/production.md::
 
     >>> new_drops(["d/2024-01-01.jsonl", "d/2024-01-02.jsonl"], consumed=["d/2024-01-01.jsonl"])
     ['d/2024-01-02.jsonl']
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
+from datetime import datetime, timezone
 from pathlib import Path
 
 from steps import storage
@@ -31,7 +34,11 @@ class NoNewData(RuntimeError):
 
 def list_drops(drops_uri: str) -> list[str]:
     """Every data file under ``drops_uri`` (JSONL, JSONL.gz, Parquet), sorted by URI."""
-    return sorted(uri for uri in storage.list_files(drops_uri) if uri.endswith(DROP_SUFFIXES))
+    return _drop_files(_folder_state(drops_uri)[1])
+
+
+def _drop_files(files: Iterable[str]) -> list[str]:
+    return sorted(uri for uri in files if uri.endswith(DROP_SUFFIXES))
 
 
 def new_drops(available: Iterable[str], consumed: Iterable[str]) -> list[str]:
@@ -44,18 +51,87 @@ def select_drops(recipe: Recipe, consumed: list[str], last_run: str | None) -> l
     """The drops this run trains on: the new ones, or all of them when ``retrain.force`` is set.
 
     Raises:
-        NoNewData: with what was looked at, when nothing is new and ``retrain.force`` is off.
+        NoNewData: when nothing is new and ``retrain.force`` is off, or there is no drop at all.
+            The message tells apart a folder that does not exist, one that holds no drop file,
+            and drops that were all consumed by earlier runs (``no_new_data_message``).
     """
     r = recipe.retrain
-    available = list_drops(r.drops)
+    found, files = _folder_state(r.drops)
+    available = _drop_files(files)
     fresh = new_drops(available, consumed)
     if fresh:
         return fresh
     if r.force and available:
         return available
-    raise NoNewData(
-        f"no new data under retrain.drops={r.drops!r}: {len(available)} drop(s) there, all consumed by "
-        f"{last_run or 'earlier runs'}. Add a file there, or set retrain.force: true to retrain anyway.")
+    raise NoNewData(no_new_data_message(r.drops, found, files, last_run))
+
+
+HELP_PAGE = "docs/production.md, 'Feeding the retrain flow'"
+
+
+def no_new_data_message(drops_uri: str, found: bool, files: list[str], last_run: str | None) -> str:
+    """Why a retrain has nothing to train on, and what to do about it.
+
+    ``found`` says whether the drops folder exists and ``files`` lists everything under it; a
+    drop among them was consumed by ``last_run`` (a run pathspec) or the runs before it::
+
+        >>> drops = "/data/drops"
+        >>> print(no_new_data_message(drops, True, [f"{drops}/2026-01-01.jsonl"], "RetrainFlow/7"))
+        ... # doctest: +NORMALIZE_WHITESPACE
+        no new data under retrain.drops='/data/drops': 1 drop(s) there, all consumed by
+        RetrainFlow/7 (newest: 2026-01-01.jsonl). Add a new drop there, or set retrain.force: true
+        to retrain on all of them anyway; see docs/production.md, 'Feeding the retrain flow'.
+        >>> print(no_new_data_message(drops, True, [f"{drops}/notes.txt"], None))
+        ... # doctest: +NORMALIZE_WHITESPACE +ELLIPSIS
+        no new data under retrain.drops='/data/drops': the folder holds no drop file, only 1 other
+        file(s): notes.txt. A drop is a .jsonl, .jsonl.gz or .parquet file (or a folder of them) ...
+    """
+    head = f"no new data under retrain.drops={drops_uri!r}"
+    available = _drop_files(files)
+    if available:
+        return (f"{head}: {len(available)} drop(s) there, all consumed by {last_run or 'earlier runs'} "
+                f"(newest: {_relative(drops_uri, available[-1])}). Add a new drop there, or set "
+                f"retrain.force: true to retrain on all of them anyway; see {HELP_PAGE}.")
+    example = storage.join(drops_uri, f"{datetime.now(timezone.utc):%Y-%m-%dT%H%M}-events.jsonl")
+    how = (f"A drop is a {', '.join(DROP_SUFFIXES[:-1])} or {DROP_SUFFIXES[-1]} file (or a folder of them) "
+           f"put under that folder, named to sort by time, e.g. {example}; see {HELP_PAGE}.")
+    if not found:
+        where = "that prefix" if storage.is_s3(drops_uri) else f"that folder ({Path(drops_uri).resolve()})"
+        return f"{head}: {where} does not exist. Create it and put a drop in it. {how}"
+    if not files:
+        return f"{head}: the folder is empty. {how}"
+    shown = ", ".join(_relative(drops_uri, uri) for uri in files[:5])
+    more = f" and {len(files) - 5} more" if len(files) > 5 else ""
+    return f"{head}: the folder holds no drop file, only {len(files)} other file(s): {shown}{more}. {how}"
+
+
+def _folder_state(drops_uri: str) -> tuple[bool, list[str]]:
+    """Whether the drops folder exists, and every file under it, of any type, sorted.
+
+    S3 has no folders: a prefix exists when its bucket does and an object lies under it.
+    """
+    if not storage.is_s3(drops_uri):
+        return Path(drops_uri).exists(), storage.list_files(drops_uri)
+    from botocore.exceptions import ClientError
+
+    try:
+        files = storage.list_files(drops_uri)
+    except ClientError as err:
+        if err.response.get("Error", {}).get("Code") == "NoSuchBucket":
+            return False, []
+        raise
+    return bool(files), files
+
+
+def _relative(root: str, uri: str) -> str:
+    """``uri`` relative to the drops folder ``root``, e.g. ``2026-01/a.jsonl``."""
+    if storage.is_s3(root):
+        prefix = root.rstrip("/") + "/"
+        return uri[len(prefix):] if uri.startswith(prefix) else uri
+    try:
+        return str(Path(uri).relative_to(Path(root)))
+    except ValueError:
+        return uri
 
 
 def with_sources(recipe: Recipe, uris: list[str]) -> Recipe:

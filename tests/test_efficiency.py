@@ -95,7 +95,7 @@ def test_padded_vocab_keeps_logits_and_never_predicts_padding(tmp_path):
 
 
 def test_gpu_check_script_runs_its_cpu_smoke_configuration():
-    """bench/gpu_check.sh is run on a lent H100 only now and then; keep it runnable as it is."""
+    """bench/gpu/gpu_check.sh is run on a lent H100 only now and then; keep it runnable as it is."""
     import os
     import subprocess
     import sys
@@ -103,7 +103,7 @@ def test_gpu_check_script_runs_its_cpu_smoke_configuration():
 
     root = Path(__file__).resolve().parent.parent
     # The script runs $PYTHON (default python3); use this interpreter even without an activated venv.
-    result = subprocess.run(["bash", "bench/gpu_check.sh", "--smoke"], cwd=root, capture_output=True, text=True,
+    result = subprocess.run(["bash", "bench/gpu/gpu_check.sh", "--smoke"], cwd=root, capture_output=True, text=True,
                             timeout=300, env={**os.environ, "PYTHON": sys.executable})
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| True") or line.startswith("| False")]

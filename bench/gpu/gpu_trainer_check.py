@@ -10,8 +10,8 @@
 The token shards and the model are prepared on a CPU machine (the GPU machine may lack
 ``datasets``/``metaflow``) and carried along::
 
-    python bench/gpu_trainer_check.py --prepare .gpu_prep       # here, on CPU
-    python3 bench/gpu_trainer_check.py --prepared .gpu_prep     # there, on the GPU
+    python bench/gpu/gpu_trainer_check.py --prepare .gpu_prep       # here, on CPU
+    python3 bench/gpu/gpu_trainer_check.py --prepared .gpu_prep     # there, on the GPU
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, above bench/gpu/
 
 RECIPE = {
     "seed": 0,

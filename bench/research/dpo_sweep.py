@@ -6,7 +6,7 @@ flow's ``tokenize`` step writes them), then scores greedy answers to fresh catal
 the catalog evaluator, per kind, with the paired difference to the starting policy. Prints one
 table row per (pair set, setting). Meant for a GPU (a few seconds a row); it runs on CPU too.
 
-    python bench/dpo_sweep.py --policy DIR --pairs NAME=SHARD [NAME=SHARD ...] [--requests 1000]
+    python bench/research/dpo_sweep.py --policy DIR --pairs NAME=SHARD [NAME=SHARD ...] [--requests 1000]
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, above bench/research/
 
 from steps.builtin import catalog  # noqa: E402
 from steps.config import recipe_from_dict  # noqa: E402

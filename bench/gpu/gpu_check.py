@@ -1,7 +1,7 @@
 """One-GPU efficiency check: a ~0.5B Llama (random init, no download), packed synthetic data,
 bf16 + FSDP2, 30 steps; prints tokens/s, MFU and peak memory with chunked CE off and on.
 
-Run through bench/gpu_check.sh (torchrun, one process). ``--smoke`` runs a tiny config on CPU
+Run through bench/gpu/gpu_check.sh (torchrun, one process). ``--smoke`` runs a tiny config on CPU
 so the script itself is testable anywhere.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, above bench/gpu/
 
 from steps.efficiency import count_matmul_params, device_name, document_lengths, mfu, pad_vocab, training_flops  # noqa: E402
 from steps.losses import CausalLMLoss  # noqa: E402
