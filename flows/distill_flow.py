@@ -9,20 +9,14 @@ first); the student is ``builtin:tiny-llama-student``. See steps/distill.py for 
 
 from pathlib import Path
 
-import yaml
-
 import flow_env  # noqa: F401  (flows/flow_env.py: steps on sys.path, METAFLOW_USER, PATH)
 
-from metaflow import Config, FlowSpec, card, current, package_sources, parallel, retry, step  # noqa: E402
+from metaflow import FlowSpec, card, package_sources, parallel, retry, step  # noqa: E402
 
-from card_view import show  # noqa: E402
-from steps.config import recipe_from_dict  # noqa: E402
-
-DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "distill_tiny.yaml"
-STEPS_DIR = Path(__file__).resolve().parent.parent / "steps"
+import flow_steps  # noqa: E402  (flows/flow_steps.py: the step bodies every flow shares)
 
 
-@package_sources(str(STEPS_DIR) if STEPS_DIR.exists() else "steps")
+@package_sources(flow_steps.STEPS_SOURCE)
 class DistillFlow(FlowSpec):
     """Distil a teacher into the recipe's (smaller) base model and publish the student.
 
@@ -34,27 +28,21 @@ class DistillFlow(FlowSpec):
     the teacher's row in the evaluation are what distillation adds.
     """
 
-    recipe = Config("recipe", default=str(DEFAULT_RECIPE), parser=yaml.safe_load,
-                    help="YAML recipe with a distill section (see steps/config.py)")
-
-    @property
-    def spec(self):
-        return recipe_from_dict(self.recipe.to_dict() if hasattr(self.recipe, "to_dict") else dict(self.recipe))
+    recipe = flow_steps.recipe_config("distill_tiny.yaml")
+    spec = property(flow_steps.recipe_of)
 
     @step
     def start(self):
         """Find the teacher (the latest registered SFT model by default), check it shares the student's tokenizer."""
-        from steps import distill, lineage, storage
+        from steps import distill, models
 
-        recipe = self.spec
-        self.run_root = storage.run_root(recipe.storage_root, current.flow_name, current.run_id)
-        self.base_model_path = str(lineage.resolve_base_model(recipe))
-        self.teacher_path, self.teacher = distill.resolve_teacher(recipe, Path(self.run_root) / "teacher")
-        distill.check_same_tokenizer(self.teacher_path, self.base_model_path, recipe.model.trust_remote_code)
-        self.lineage = {**lineage.collect(recipe, current.pathspec, code_dir=Path(__file__).resolve().parent),
-                        "teacher": self.teacher}
-        print(f"run root: {self.run_root}\nstudent: {recipe.model.base} -> {self.base_model_path}\n"
-              f"teacher: {recipe.distill.teacher} -> {self.teacher_path}")
+        self.run_root = flow_steps.run_root(self.spec)
+        self.base_model_path = str(models.resolve_base_model(self.spec.model.base, self.spec.storage_root))
+        self.teacher_path, self.teacher = distill.resolve_teacher(self.spec, Path(self.run_root) / "teacher")
+        distill.check_same_tokenizer(self.teacher_path, self.base_model_path, self.spec.model.trust_remote_code)
+        self.lineage = flow_steps.lineage(self.spec, teacher=self.teacher)
+        print(f"run root: {self.run_root}\nstudent: {self.spec.model.base} -> {self.base_model_path}\n"
+              f"teacher: {self.spec.distill.teacher} -> {self.teacher_path}")
         self.next(self.ingest)
 
     @step
@@ -69,11 +57,7 @@ class DistillFlow(FlowSpec):
     @step
     def tokenize(self):
         """Render chats with the (shared) template, mask non-assistant tokens, pack."""
-        from steps import cards, chat
-
-        self.token_stats = chat.tokenize_splits(self.spec, self.base_model_path, self.dataset_manifest,
-                                                self.run_root)
-        show(cards.tokenize_card(self.token_stats))
+        self.token_stats = flow_steps.tokenize(self.spec, self.base_model_path, self.dataset_manifest, self.run_root)
         self.next(self.teacher_logits)
 
     @step
@@ -86,32 +70,16 @@ class DistillFlow(FlowSpec):
         self.next(self.train, num_parallel=self.spec.train.num_nodes)
 
     @card(type="blank")
-    @retry(times=1, minutes_between_retries=0)
+    @retry(**flow_steps.TRAIN_RETRY)
     @parallel
     @step
     def train(self):
         """Launch torchrun on every node; the loss is the KL to the teacher on trained tokens."""
-        from steps import cards, launch
-
-        result = launch.run_node(self.spec, self.base_model_path, self.token_stats, self.run_root,
-                                node_index=current.parallel.node_index,
-                                num_nodes=current.parallel.num_nodes,
-                                main_ip=current.parallel.main_ip,
-                                run_key=f"{current.pathspec.rsplit('/', 1)[0]}/{current.retry_count}",
-                                resume_roots=launch.resume_roots_for(self.spec, self._origin_run_root()),
-                                objective="distill", objective_inputs={"teacher": self.teacher_path})
-        if current.parallel.node_index == 0:
-            self.checkpoints, self.train_curve = result["checkpoints"], result["train_curve"]
-            show(cards.train_card(self.train_curve))
+        trained = flow_steps.train(self.spec, self.base_model_path, self.token_stats, self.run_root,
+                                   objective="distill", objective_inputs={"teacher": self.teacher_path})
+        if trained:  # node 0 reports for every node
+            self.checkpoints, self.train_curve = trained
         self.next(self.join_train)
-
-    def _origin_run_root(self):
-        """On ``resume``, the run root of the run being resumed (its checkpoints count too)."""
-        from steps import storage
-
-        if not current.origin_run_id:
-            return None
-        return storage.run_root(self.spec.storage_root, current.flow_name, current.origin_run_id)
 
     @step
     def join_train(self, inputs):
@@ -131,45 +99,34 @@ class DistillFlow(FlowSpec):
     @step
     def evaluate(self):
         """Score one checkpoint (or the base model, or the teacher) on held-out data."""
-        from steps import evaluate
-
-        self.metrics = evaluate.evaluate_target(self.spec, self.input, self.dataset_manifest,
-                                                self.token_stats, self.run_root,
-                                                num_parallel_tasks=len(self.eval_targets))
+        self.metrics = flow_steps.evaluate(self.spec, self.input, self.dataset_manifest, self.token_stats,
+                                           self.run_root, len(self.eval_targets))
         self.next(self.join_evaluate)
 
     @card(type="blank")
     @step
     def join_evaluate(self, inputs):
         """Pick the best student checkpoint and compare it with the teacher."""
-        from steps import cards, distill, evaluate
+        from steps import distill
 
         self.merge_artifacts(inputs, exclude=["metrics"])
         self.eval_metrics, self.teacher_metrics = distill.split_teacher_row([task.metrics for task in inputs])
-        self.best_checkpoint = evaluate.select_best(
-            [row for row in self.eval_metrics if row["checkpoint"] != "base"],
-            self.spec.evaluate.select_metric, self.spec.evaluate.select_mode)
+        self.best_checkpoint = flow_steps.join_evaluate(self.spec, self.eval_metrics,
+                                                        flow_steps.champion_metrics(self.spec))
         self.teacher_comparison = distill.teacher_comparison(self.teacher_metrics, self.best_checkpoint,
                                                              self.teacher)
-        show(cards.evaluate_card(self.eval_metrics, self.best_checkpoint, cards.registry_version_metrics(
-            self.spec.registry_root, self.spec.register.model_name, self.spec.promote.alias)))
-        show([{"markdown": f"## Student vs teacher\n```\n{distill.comparison_text(self.teacher_comparison)}\n```"}])
+        flow_steps.show([{"markdown": f"## Student vs teacher\n```\n"
+                                      f"{distill.comparison_text(self.teacher_comparison)}\n```"}])
         self.next(self.register)
 
     @card(type="blank")
     @step
     def register(self):
         """Publish the best student checkpoint under its own name, with the teacher in its lineage."""
-        from steps import cards, publish
-
-        version = publish.register_best(self.spec, self.best_checkpoint, self.eval_metrics,
-                                        {**self.lineage, "teacher_comparison": self.teacher_comparison},
-                                        self.dataset_manifest, self.run_root)
-        self.model_name, self.model_version, self.model_uri = version.name, version.version, version.uri
-        self.promotion = publish.promote(self.spec, version, current.pathspec)
-        show(cards.register_card(self.model_name, self.model_version, self.model_uri, self.eval_metrics,
-                                 self.best_checkpoint, self.promotion, cards.registry_version_metrics(
-                                     self.spec.registry_root, self.model_name, self.promotion["champion_version"])))
+        self.model_name, self.model_version, self.model_uri, self.promotion = flow_steps.register(
+            self.spec, self.best_checkpoint, self.eval_metrics, {**self.lineage, "teacher_comparison":
+                                                                 self.teacher_comparison},
+            self.dataset_manifest, self.run_root)
         self.next(self.end)
 
     @step

@@ -4,22 +4,14 @@
     python flows/dpo_flow.py --config recipe configs/my.yaml run   # another recipe
 """
 
-from pathlib import Path
-
-import yaml
-
 import flow_env  # noqa: F401  (flows/flow_env.py: steps on sys.path, METAFLOW_USER, PATH)
 
-from metaflow import Config, FlowSpec, card, current, package_sources, parallel, retry, step  # noqa: E402
+from metaflow import FlowSpec, card, package_sources, parallel, retry, step  # noqa: E402
 
-from card_view import show  # noqa: E402
-from steps.config import recipe_from_dict  # noqa: E402
-
-DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "dpo_tiny.yaml"
-STEPS_DIR = Path(__file__).resolve().parent.parent / "steps"
+import flow_steps  # noqa: E402  (flows/flow_steps.py: the step bodies every flow shares)
 
 
-@package_sources(str(STEPS_DIR) if STEPS_DIR.exists() else "steps")
+@package_sources(flow_steps.STEPS_SOURCE)
 class DPOFlow(FlowSpec):
     """Train a policy to prefer the chosen over the rejected answer of preference pairs (DPO).
 
@@ -32,25 +24,20 @@ class DPOFlow(FlowSpec):
     The steps call the same steps/ functions as flows/sft_flow.py; what is DPO's own is in steps/dpo.py.
     """
 
-    recipe = Config("recipe", default=str(DEFAULT_RECIPE), parser=yaml.safe_load,
-                    help="YAML recipe with a dpo section (see steps/config.py)")
-
-    @property
-    def spec(self):
-        return recipe_from_dict(self.recipe.to_dict() if hasattr(self.recipe, "to_dict") else dict(self.recipe))
+    recipe = flow_steps.recipe_config("dpo_tiny.yaml")
+    spec = property(flow_steps.recipe_of)
 
     @step
     def start(self):
         """Fetch the starting policy (the latest registered SFT model, else model.base) and the reference."""
-        from steps import dpo, lineage, storage
+        from steps import dpo
 
-        self.run_root = storage.run_root(self.spec.storage_root, current.flow_name, current.run_id)
+        self.run_root = flow_steps.run_root(self.spec)
         models = dpo.starting_models(self.spec, self.run_root)
         self.base_model_path, self.reference_path, self.parent = (models["policy_path"], models["reference_path"],
                                                                   models["parent"])
-        self.lineage = {**lineage.collect(self.spec, current.pathspec, code_dir=Path(__file__).resolve().parent),
-                        "base_model": self.spec.dpo.policy if self.parent else self.spec.model.base,
-                        "parent": self.parent, "reference": self.spec.dpo.reference}
+        self.lineage = flow_steps.lineage(self.spec, parent=self.parent, reference=self.spec.dpo.reference,
+                                          base_model=self.spec.dpo.policy if self.parent else self.spec.model.base)
         print(f"run root: {self.run_root}\npolicy: {self.spec.dpo.policy} -> {self.base_model_path} "
               f"(parent {self.parent})\nreference: {self.reference_path}")
         self.next(self.ingest)
@@ -74,33 +61,27 @@ class DPOFlow(FlowSpec):
                                                            self.run_root)
         self.next(self.tokenize)
 
+    @card(type="blank")
     @step
     def tokenize(self):
         """Render prompt+chosen and prompt+rejected, pack each pair in one row, add reference log-probs."""
-        from steps import dpo
+        from steps import cards, dpo
 
         self.token_stats = dpo.tokenize_splits(self.spec, self.base_model_path, self.reference_path,
                                                self.dataset_manifest, self.run_root)
+        flow_steps.show(cards.tokenize_card(self.token_stats))
         self.next(self.train, num_parallel=self.spec.train.num_nodes)
 
-    # A retry (and a `resume`) continues from the latest complete checkpoint, not from step 0.
     @card(type="blank")
-    @retry(times=1, minutes_between_retries=0)
+    @retry(**flow_steps.TRAIN_RETRY)
     @parallel
     @step
     def train(self):
         """Launch torchrun on every node with the dpo objective; rank 0 writes checkpoints."""
-        from steps import cards, launch
-
-        result = launch.run_node(self.spec, self.base_model_path, self.token_stats, self.run_root,
-                                node_index=current.parallel.node_index,
-                                num_nodes=current.parallel.num_nodes,
-                                main_ip=current.parallel.main_ip,
-                                run_key=f"{current.pathspec.rsplit('/', 1)[0]}/{current.retry_count}",
-                                resume_roots=launch.resume_roots_for(self.spec), objective="dpo")
-        if current.parallel.node_index == 0:
-            self.checkpoints, self.train_curve = result["checkpoints"], result["train_curve"]
-            show(cards.train_card(self.train_curve))
+        trained = flow_steps.train(self.spec, self.base_model_path, self.token_stats, self.run_root,
+                                   objective="dpo")
+        if trained:  # node 0 reports for every node
+            self.checkpoints, self.train_curve = trained
         self.next(self.join_train)
 
     @step
@@ -122,34 +103,26 @@ class DPOFlow(FlowSpec):
         """Held-out pairs (reward accuracy, margin, log-probs) and the task metrics of one checkpoint."""
         from steps import dpo
 
-        self.metrics = dpo.evaluate_target(self.spec, self.input, self.dataset_manifest, self.token_stats,
-                                           self.run_root, num_parallel_tasks=len(self.eval_targets))
+        self.metrics = flow_steps.evaluate(self.spec, self.input, self.dataset_manifest, self.token_stats,
+                                           self.run_root, len(self.eval_targets), dpo.heldout_metrics(self.spec))
         self.next(self.join_evaluate)
 
     @card(type="blank")
     @step
     def join_evaluate(self, inputs):
         """Collect the metrics table and pick the best checkpoint."""
-        from steps import cards, evaluate
-
         self.merge_artifacts(inputs, exclude=["metrics"])
         self.eval_metrics = [task.metrics for task in inputs]
-        self.best_checkpoint = evaluate.select_best(
-            [row for row in self.eval_metrics if row["checkpoint"] != "base"],
-            self.spec.evaluate.select_metric, self.spec.evaluate.select_mode)
-        show(cards.evaluate_card(self.eval_metrics, self.best_checkpoint, cards.registry_version_metrics(
-            self.spec.registry_root, self.spec.register.model_name, self.spec.promote.alias)))
+        self.best_checkpoint = flow_steps.join_evaluate(self.spec, self.eval_metrics,
+                                                        flow_steps.champion_metrics(self.spec))
         self.next(self.register)
 
+    @card(type="blank")
     @step
     def register(self):
         """Publish the best checkpoint under the recipe's model name; lineage names the parent version."""
-        from steps import publish
-
-        version = publish.register_best(self.spec, self.best_checkpoint, self.eval_metrics,
-                                        self.lineage, self.dataset_manifest, self.run_root)
-        self.model_name, self.model_version, self.model_uri = version.name, version.version, version.uri
-        self.promotion = publish.promote(self.spec, version, current.pathspec)
+        self.model_name, self.model_version, self.model_uri, self.promotion = flow_steps.register(
+            self.spec, self.best_checkpoint, self.eval_metrics, self.lineage, self.dataset_manifest, self.run_root)
         self.next(self.end)
 
     @step

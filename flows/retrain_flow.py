@@ -8,24 +8,19 @@
 the branch ``test.X``, ``--production`` the branch ``prod``. Each branch has its own watermark
 (the drops its last successful run consumed). To start a run when new data lands instead of
 (or besides) on the schedule, deploy with ``POSTTRAIN_TRIGGER_EVENT=<event name>`` set: the
-flow then carries ``@trigger(event=...)`` (see infra/README.md).
+flow then carries ``@trigger(event=...)`` (see infra/README.md). How to feed it new data
+("drops"): docs/production.md.
 """
 
 import os
 from pathlib import Path
 
-import yaml
-
 import flow_env  # noqa: F401  (flows/flow_env.py: steps on sys.path, METAFLOW_USER, PATH)
 
-from metaflow import (Config, FlowSpec, card, config_expr, current, package_sources, parallel,  # noqa: E402
-                      project, schedule, step, trigger)
+from metaflow import (FlowSpec, card, config_expr, current, package_sources, parallel, project,  # noqa: E402
+                      retry, schedule, step, trigger)
 
-from card_view import show  # noqa: E402
-from steps.config import recipe_from_dict  # noqa: E402
-
-DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "retrain_tiny.yaml"
-STEPS_DIR = Path(__file__).resolve().parent.parent / "steps"
+import flow_steps  # noqa: E402  (flows/flow_steps.py: the step bodies every flow shares)
 
 
 def _schedule_is(period: str):
@@ -33,7 +28,7 @@ def _schedule_is(period: str):
     return config_expr(f"(recipe.get('retrain') or {{}}).get('schedule', 'daily') == '{period}'")
 
 
-@package_sources(str(STEPS_DIR) if STEPS_DIR.exists() else "steps")
+@package_sources(flow_steps.STEPS_SOURCE)
 @project(name="posttrain")
 @schedule(hourly=_schedule_is("hourly"), daily=_schedule_is("daily"), weekly=_schedule_is("weekly"))
 class RetrainFlow(FlowSpec):
@@ -45,36 +40,33 @@ class RetrainFlow(FlowSpec):
     The steps call the same steps/ functions as flows/sft_flow.py; only start and ingest differ.
     """
 
-    recipe = Config("recipe", default=str(DEFAULT_RECIPE), parser=yaml.safe_load,
-                    help="YAML recipe with a retrain section (see steps/config.py)")
-
-    @property
-    def spec(self):
-        return recipe_from_dict(self.recipe.to_dict() if hasattr(self.recipe, "to_dict") else dict(self.recipe))
+    recipe = flow_steps.recipe_config("retrain_tiny.yaml")
+    spec = property(flow_steps.recipe_of)
 
     @step
     def start(self):
         """Find the new drops (fail if none), download the champion to warm-start from, keep its eval set."""
-        from steps import lineage, retrain, storage
+        from steps import retrain
 
         recipe = self.spec
         if not recipe.retrain.drops:
             raise ValueError("recipe field 'retrain.drops' must name the folder where new data arrives")
-        self.run_root = storage.run_root(recipe.storage_root, current.flow_name, current.run_id)
+        self.run_root = flow_steps.run_root(recipe)
         last = _last_successful_run(current.flow_name, current.branch_name, current.run_id)
         consumed = list(last.data.consumed_drops) if last else []
         self.new_drops = retrain.select_drops(recipe, consumed, last.pathspec if last else None)
         self.consumed_drops = sorted(set(consumed) | set(self.new_drops))  # the watermark for the next run
         self.base_model_path, self.champion = retrain.warm_start(recipe, Path(self.run_root) / "warm_start")
         self.champion_eval_split = _eval_split_of(self.champion["run"]) if self.champion else None
-        self.lineage = {**lineage.collect(recipe, current.pathspec, code_dir=Path(__file__).resolve().parent),
-                        "branch": current.branch_name, "drops": self.new_drops, "warm_start": self.champion}
+        self.lineage = flow_steps.lineage(recipe, branch=current.branch_name, drops=self.new_drops,
+                                          warm_start=self.champion)
         if self.champion:
             self.lineage["base_model"] = f"{recipe.register.model_name} v{self.champion['version']} ({recipe.promote.alias})"
         print(f"branch {current.branch_name}: {len(self.new_drops)} new drop(s) {self.new_drops}\n"
               f"warm start: {self.lineage['base_model']} -> {self.base_model_path}")
         self.next(self.ingest)
 
+    @retry(**flow_steps.UNATTENDED_RETRY)
     @step
     def ingest(self):
         """Ingest the new drops only; evaluate on the champion's eval set when there is a champion."""
@@ -84,40 +76,37 @@ class RetrainFlow(FlowSpec):
         self.dataset_manifest = retrain.keep_eval_split(manifest, self.champion_eval_split)
         self.next(self.tokenize)
 
+    # Nobody watches a scheduled run: every step that only reads its inputs and rewrites its own
+    # files retries a transient failure (a lost pod, an S3 hiccup) instead of failing the night's
+    # retrain. Not start (it reads the watermark once) and not register (a version is immutable).
     @card(type="blank")
+    @retry(**flow_steps.UNATTENDED_RETRY)
     @step
     def tokenize(self):
-        """Render chats with the model's template, mask non-assistant tokens, pack."""
-        from steps import cards, chat
-
-        self.token_stats = chat.tokenize_splits(self.spec, self.base_model_path, self.dataset_manifest,
-                                                self.run_root)
-        show(cards.tokenize_card(self.token_stats))
+        """Render chats with the champion's template, mask non-assistant tokens, pack."""
+        self.token_stats = flow_steps.tokenize(self.spec, self.base_model_path, self.dataset_manifest, self.run_root)
         self.next(self.train, num_parallel=self.spec.train.num_nodes)
 
     @card(type="blank")
+    @retry(**flow_steps.TRAIN_RETRY)
     @parallel
     @step
     def train(self):
-        """Launch torchrun on every node, starting from the champion's weights."""
-        from steps import cards, launch
-
-        result = launch.run_node(self.spec, self.base_model_path, self.token_stats, self.run_root,
-                                node_index=current.parallel.node_index,
-                                num_nodes=current.parallel.num_nodes,
-                                main_ip=current.parallel.main_ip,
-                                run_key=current.pathspec.rsplit("/", 1)[0])
-        if current.parallel.node_index == 0:
-            self.checkpoints, self.train_curve = result["checkpoints"], result["train_curve"]
-            show(cards.train_card(self.train_curve))
+        """Launch torchrun on every node, starting from the champion's weights (warm start: a fresh
+        optimizer and schedule; a retry or a resume continues from this run's own checkpoints)."""
+        trained = flow_steps.train(self.spec, self.base_model_path, self.token_stats, self.run_root)
+        if trained:  # node 0 reports for every node
+            self.checkpoints, self.train_curve = trained
         self.next(self.join_train)
 
+    @retry(**flow_steps.UNATTENDED_RETRY)
     @step
     def join_train(self, inputs):
         """Keep what rank 0 produced."""
         self.merge_artifacts(inputs)
         self.next(self.plan_evaluation)
 
+    @retry(**flow_steps.UNATTENDED_RETRY)
     @step
     def plan_evaluation(self):
         """One evaluation task per checkpoint, plus the warm-start model (the champion) as the baseline."""
@@ -126,42 +115,32 @@ class RetrainFlow(FlowSpec):
         self.eval_targets = evaluate.eval_targets(self.spec, self.base_model_path, self.checkpoints)
         self.next(self.evaluate, foreach="eval_targets")
 
+    @retry(**flow_steps.UNATTENDED_RETRY)
     @step
     def evaluate(self):
         """Score one checkpoint (or the warm-start model) on the stable eval set."""
-        from steps import evaluate
-
-        self.metrics = evaluate.evaluate_target(self.spec, self.input, self.dataset_manifest,
-                                                self.token_stats, self.run_root,
-                                                num_parallel_tasks=len(self.eval_targets))
+        self.metrics = flow_steps.evaluate(self.spec, self.input, self.dataset_manifest, self.token_stats,
+                                           self.run_root, len(self.eval_targets))
         self.next(self.join_evaluate)
 
     @card(type="blank")
+    @retry(**flow_steps.UNATTENDED_RETRY)
     @step
     def join_evaluate(self, inputs):
-        """Collect the metrics table and pick the best checkpoint."""
-        from steps import cards, evaluate
-
+        """Collect the metrics table and pick the best checkpoint, next to the champion it must beat
+        (the gate in register compares the two on the champion's eval set)."""
         self.merge_artifacts(inputs, exclude=["metrics"])
         self.eval_metrics = [task.metrics for task in inputs]
-        self.best_checkpoint = evaluate.select_best(
-            [row for row in self.eval_metrics if row["checkpoint"] != "base"],
-            self.spec.evaluate.select_metric, self.spec.evaluate.select_mode)
-        show(cards.evaluate_card(self.eval_metrics, self.best_checkpoint, self.champion))
+        self.best_checkpoint = flow_steps.join_evaluate(self.spec, self.eval_metrics, self.champion)
         self.next(self.register)
 
     @card(type="blank")
     @step
     def register(self):
         """Register the best checkpoint; the registry's gate decides whether it becomes champion."""
-        from steps import cards, publish
-
-        version = publish.register_best(self.spec, self.best_checkpoint, self.eval_metrics,
-                                        self.lineage, self.dataset_manifest, self.run_root)
-        self.model_name, self.model_version, self.model_uri = version.name, version.version, version.uri
-        self.promotion = publish.promote(self.spec, version, current.pathspec)
-        show(cards.register_card(self.model_name, self.model_version, self.model_uri, self.eval_metrics,
-                                 self.best_checkpoint, self.promotion, self.champion))
+        self.model_name, self.model_version, self.model_uri, self.promotion = flow_steps.register(
+            self.spec, self.best_checkpoint, self.eval_metrics, self.lineage, self.dataset_manifest, self.run_root,
+            champion=self.champion)
         self.next(self.end)
 
     @step

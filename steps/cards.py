@@ -28,9 +28,7 @@ from collections.abc import Sequence
 
 import pyarrow.parquet as pq
 
-# Columns of the checkpoint metrics table, in this order, when a row has them.
-METRIC_KEYS = ("task_score", "recommend_valid", "search_hit_at_1", "qa_accuracy", "eval_loss", "perplexity",
-               "token_accuracy")
+from steps.contracts import BASELINE_ROW, METRICS, baseline_row, row_step, scored_checkpoints
 _TRAINED_RUN = re.compile(r"\[\[(.*?)\]\]", re.DOTALL)
 
 
@@ -153,21 +151,27 @@ def masked_example_html(example: str) -> str:
 
 
 def tokenize_card(token_stats: dict) -> list[dict]:
-    """The tokenize step's card: counts, packing efficiency, length histograms, one masked example."""
+    """The tokenize step's card: counts, packing efficiency, length histograms, one masked example.
+
+    The records are conversations (SFT, distillation) or preference pairs (DPO: ``num_pairs``,
+    ``num_packed_pairs``, both sequences of a pair in one row).
+    """
     lengths = token_lengths(token_stats["train"]["uris"])
-    rows = [[split, s["num_conversations"], s["num_packed_conversations"], s["num_rows"], s["num_tokens"],
+    kind = "pairs" if "num_pairs" in token_stats["train"] else "conversations"
+    rows = [[split, s[f"num_{kind}"], s[f"num_packed_{kind}"], s["num_rows"], s["num_tokens"],
              s["num_trained_tokens"], f"{s['packing_efficiency']:.3f}", s["num_dropped_too_long"]]
             for split, s in token_stats.items() if isinstance(s, dict) and "num_rows" in s]
+    row_tokens = token_stats["train"].get("max_seq_tokens") or max(lengths["row_tokens"], default=0)
     return [
         {"markdown": f"## Tokenization\nPacking efficiency (train): **{token_stats['packing_efficiency']:.3f}** "
-                     f"of {token_stats['train']['max_seq_tokens']}-token rows hold real tokens."},
-        {"table": rows, "headers": ["split", "conversations", "packed", "rows", "tokens", "trained tokens",
+                     f"of {row_tokens}-token rows hold real tokens."},
+        {"table": rows, "headers": ["split", kind, "packed", "rows", "tokens", "trained tokens",
                                     "packing efficiency", "dropped (too long)"]},
-        {"image": histogram_png(lengths["document_tokens"], title="Conversation length (train)",
+        {"image": histogram_png(lengths["document_tokens"], title=f"{kind[:-1].capitalize()} length (train)",
                                 xlabel="tokens"), "label": "conversation lengths"},
         {"image": histogram_png(lengths["row_tokens"], title="Packed row length (train)", xlabel="tokens"),
          "label": "packed row lengths"},
-        {"markdown": "### One training conversation\nHighlighted tokens are trained (labels != -100); "
+        {"markdown": f"### One training {kind[:-1]}\nHighlighted tokens are trained (labels != -100); "
                      "the rest is context only.\n\n" + masked_example_html(token_stats["example"])},
     ]
 
@@ -176,35 +180,35 @@ def metrics_table(eval_metrics: Sequence[dict], champion: dict | None = None) ->
     """Checkpoints against the baseline (``base``) and, if given, the registry's champion.
 
     ``champion`` is ``{"version": N, "metrics": {...}}``. Returns one table block; rows are the
-    baseline, the champion, then checkpoints in step order, with the metrics of ``METRIC_KEYS``
-    that any row has.
+    baseline, the champion, then checkpoints in step order, with the metrics of
+    ``steps.contracts.METRICS`` that any row has.
 
     >>> metrics_table([{"checkpoint": "step-000002", "task_score": 0.5}, {"checkpoint": "base", "task_score": 0.1}])
     {'table': [['base', 0.1], ['step-000002', 0.5]], 'headers': ['model', 'task_score']}
     """
-    rows = sorted(eval_metrics, key=lambda row: (row["checkpoint"] != "base", row["checkpoint"]))
+    rows = sorted(eval_metrics, key=lambda row: (row["checkpoint"] != BASELINE_ROW, row_step(row), row["checkpoint"]))
     named = [(row["checkpoint"], row) for row in rows]
     if champion:
-        named.insert(1 if rows and rows[0]["checkpoint"] == "base" else 0,
+        named.insert(1 if rows and rows[0]["checkpoint"] == BASELINE_ROW else 0,
                      (f"champion v{champion['version']}", champion["metrics"]))
-    keys = [k for k in METRIC_KEYS if any(k in row for _, row in named)]
+    keys = [k for k in METRICS if any(k in row for _, row in named)]
     table = [[name, *[_rounded(row.get(k)) for k in keys]] for name, row in named]
     return {"table": table, "headers": ["model", *keys]}
 
 
 def evaluate_card(eval_metrics: Sequence[dict], best: dict, champion: dict | None = None) -> list[dict]:
-    """The evaluation card: the metrics table and a plot of each metric across checkpoints."""
-    checkpoints = sorted((row for row in eval_metrics if row["checkpoint"] != "base"),
-                         key=lambda row: row.get("step", 0))
+    """The evaluation card: the metrics table and a plot of each metric across checkpoints, at
+    their optimizer steps (the baseline as a flat line)."""
+    checkpoints = sorted(scored_checkpoints(eval_metrics), key=row_step)
     blocks = [{"markdown": f"## Evaluation\nBest checkpoint: **{best['checkpoint']}**"},
               metrics_table(eval_metrics, champion)]
-    baseline = next((row for row in eval_metrics if row["checkpoint"] == "base"), None)
+    baseline = baseline_row(eval_metrics)
     for key in ("task_score", "eval_loss"):
         if checkpoints and key in checkpoints[0]:
-            steps = [row.get("step", i) for i, row in enumerate(checkpoints)]
+            steps = [row_step(row) for row in checkpoints]
             series = {"checkpoints": (steps, [row[key] for row in checkpoints])}
             if baseline and key in baseline:
-                series["base"] = (steps, [baseline[key]] * len(steps))
+                series[BASELINE_ROW] = (steps, [baseline[key]] * len(steps))
             blocks.append({"image": line_plot_png(series, title=key, xlabel="optimizer step", ylabel=key),
                            "label": key})
     return blocks

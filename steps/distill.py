@@ -42,11 +42,10 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from steps.evaluate import REPORT_METRICS
+from steps.contracts import METRICS, TEACHER_ROW
 from steps.losses import IGNORE_INDEX, num_target_tokens, shifted_targets
 from steps.packing import collate_rows
 
-TEACHER_CHECKPOINT = "teacher"
 """The ``checkpoint`` name of the teacher's row among the evaluation targets."""
 TOP_K_COLUMNS = ("teacher_ids", "teacher_logprobs")
 """Columns the top-k pass adds to the token shards: per trained target token, k ids and their
@@ -435,7 +434,7 @@ def eval_targets(recipe, student_path: str | Path, teacher_path: str | Path, che
     from steps import evaluate
 
     return evaluate.eval_targets(recipe, student_path, checkpoints) + [
-        {"checkpoint": TEACHER_CHECKPOINT, "path": str(teacher_path)}]
+        {"checkpoint": TEACHER_ROW, "path": str(teacher_path)}]
 
 
 def split_teacher_row(rows: list[dict]) -> tuple[list[dict], dict]:
@@ -444,10 +443,10 @@ def split_teacher_row(rows: list[dict]) -> tuple[list[dict], dict]:
     >>> split_teacher_row([{"checkpoint": "base"}, {"checkpoint": "teacher"}, {"checkpoint": "step-000010"}])
     ([{'checkpoint': 'base'}, {'checkpoint': 'step-000010'}], {'checkpoint': 'teacher'})
     """
-    teacher = [row for row in rows if row["checkpoint"] == TEACHER_CHECKPOINT]
+    teacher = [row for row in rows if row["checkpoint"] == TEACHER_ROW]
     if len(teacher) != 1:
         raise ValueError(f"expected one teacher row among the metrics, got {len(teacher)}")
-    return [row for row in rows if row["checkpoint"] != TEACHER_CHECKPOINT], teacher[0]
+    return [row for row in rows if row["checkpoint"] != TEACHER_ROW], teacher[0]
 
 
 
@@ -461,7 +460,7 @@ def teacher_comparison(teacher_row: dict, best: dict, teacher: dict) -> dict:
     """
     out = {"teacher": teacher.get("spec"), "teacher_version": teacher.get("version"),
            "student_checkpoint": best["checkpoint"]}
-    for key in REPORT_METRICS:
+    for key in METRICS:
         if key in teacher_row and key in best:
             out[key] = {"teacher": teacher_row[key], "student": best[key],
                         "student_minus_teacher": best[key] - teacher_row[key]}
@@ -474,5 +473,5 @@ def comparison_text(comparison: dict) -> str:
     lines = [f"student ({comparison['student_checkpoint']}) vs teacher ({comparison['teacher']}{version})",
              f"{'metric':<26}{'teacher':>10}{'student':>10}"]
     lines += [f"{key:<26}{comparison[key]['teacher']:>10.4f}{comparison[key]['student']:>10.4f}"
-              for key in REPORT_METRICS if key in comparison]
+              for key in METRICS if key in comparison]
     return "\n".join(lines)

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 
 from steps import ingest
 from steps.config import DPOConfig, Recipe, warn_ignored
+from steps.contracts import baseline_row
 from steps.losses import IGNORE_INDEX, mask_padded_logits, shifted_targets
 from steps.packing import collate_rows, pack_documents, pack_row
 
@@ -612,16 +613,12 @@ def preference_metrics(model, token_uris: list[str], *, row_tokens: int, pad_id:
             "num_eval_pairs": num}
 
 
-def evaluate_target(recipe: Recipe, target: dict, dataset_manifest: dict, token_stats: dict, run_root: str, *,
-                    num_parallel_tasks: int = 1) -> dict:
-    """``steps.evaluate.evaluate_target`` with :func:`preference_metrics` for the held-out part."""
+def heldout_metrics(recipe: Recipe):
+    """The held-out part of a DPO evaluation (``heldout=`` of ``steps.evaluate.evaluate_target``):
+    :func:`preference_metrics` on the held-out pairs, instead of the SFT held-out loss."""
     import functools
 
-    from steps import evaluate
-
-    return evaluate.evaluate_target(recipe, target, dataset_manifest, token_stats, run_root,
-                                    num_parallel_tasks=num_parallel_tasks,
-                                    heldout=functools.partial(preference_metrics, config=recipe.dpo))
+    return functools.partial(preference_metrics, config=recipe.dpo)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -668,7 +665,7 @@ def summary(recipe: Recipe, name: str, version: int, uri: str, eval_metrics: lis
     """``steps.publish.summary`` plus the held-out preference metrics of the starting policy and the model."""
     from steps import publish
 
-    baseline = next((row for row in eval_metrics if row["checkpoint"] == "base"), {})
+    baseline = baseline_row(eval_metrics) or {}
     lines = [f"{'held-out pairs':<26}{'start':>10}{'model':>10}"]
     lines += [f"{k:<26}{baseline.get(k, float('nan')):>10.4f}{best[k]:>10.4f}" for k in PREFERENCE_METRICS
               if k in best]

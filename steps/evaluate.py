@@ -26,7 +26,6 @@ import importlib
 import json
 import math
 import os
-import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -34,20 +33,14 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from steps.contracts import BASELINE_ROW, row_step
+
 # torch and the model code are imported where they are used: plan_evaluation and join_evaluate
 # (eval_targets, select_best) then start without importing torch (~2 s of CPU each).
 
 Evaluator = Callable[[list[dict], list[str]], dict[str, float]]
 """``(records, answers) -> metrics``; records carry ``messages`` and a parsed ``meta`` dict."""
 
-BASELINE_CHECKPOINT = "base"
-"""The ``checkpoint`` name of the base model's row in the metrics table."""
-
-_STEP_IN_NAME = re.compile(r"step-(\d+)$")
-
-REPORT_METRICS = ("task_score", "recommend_valid", "search_hit_at_1", "qa_accuracy", "eval_loss", "perplexity",
-                  "assistant_token_accuracy")
-"""The metrics a run's summary compares (those a row has), in this order."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,14 +425,6 @@ def evaluate_model(model_dir: str | Path, *, token_uris: list[str], data_uris: l
     return metrics
 
 
-def _row_step(row: Mapping[str, Any]) -> int:
-    """A row's training step: its ``step`` key, else the ``step-K`` suffix of ``checkpoint``, else -1."""
-    if isinstance(row.get("step"), int):
-        return row["step"]
-    match = _STEP_IN_NAME.search(str(row.get("checkpoint", "")))
-    return int(match.group(1)) if match else -1
-
-
 def select_best(rows: list[dict], metric: str, mode: str) -> dict:
     """The row with the best ``metric`` (``mode`` "max" or "min"); ties go to the later step.
 
@@ -469,7 +454,7 @@ def select_best(rows: list[dict], metric: str, mode: str) -> dict:
     if not candidates:
         raise ValueError(f"metric {metric!r} is NaN in every row")
     sign = 1.0 if mode == "max" else -1.0
-    _, best = max(candidates, key=lambda item: (sign * float(item[1][metric]), _row_step(item[1]), item[0]))
+    _, best = max(candidates, key=lambda item: (sign * float(item[1][metric]), row_step(item[1]), item[0]))
     return best
 
 
@@ -485,12 +470,13 @@ def eval_targets(recipe, base_model_path: str | Path, checkpoints: list[str]) ->
         >>> for target in eval_targets(Recipe(), "/m/base", ["/r/checkpoints/step-000100"]):
         ...     print(target)
         {'checkpoint': 'base', 'path': '/m/base'}
-        {'checkpoint': 'step-000100', 'path': '/r/checkpoints/step-000100'}
+        {'checkpoint': 'step-000100', 'path': '/r/checkpoints/step-000100', 'step': 100}
     """
     targets = []
     if recipe.evaluate.eval_baseline:
-        targets.append({"checkpoint": BASELINE_CHECKPOINT, "path": str(base_model_path)})
-    return targets + [{"checkpoint": Path(path).name, "path": str(path)} for path in checkpoints]
+        targets.append({"checkpoint": BASELINE_ROW, "path": str(base_model_path)})
+    return targets + [{"checkpoint": Path(path).name, "path": str(path), "step": row_step({"checkpoint": Path(path).name})}
+                      for path in checkpoints]
 
 
 def evaluate_target(
@@ -520,7 +506,8 @@ def evaluate_target(
         recipe=recipe,
         heldout=heldout,
     )
-    row = {"checkpoint": target["checkpoint"], "path": target["path"], **metrics}
+    row = {"checkpoint": target["checkpoint"], "path": target["path"],
+           **({"step": target["step"]} if "step" in target else {}), **metrics}
     out_path = storage.subdir(run_root, "eval") / f"{target['checkpoint']}.json"
     out_path.write_text(json.dumps(row, indent=2, sort_keys=True) + "\n")
     return row

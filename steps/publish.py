@@ -6,7 +6,8 @@ from pathlib import Path
 
 from steps import checkpoint, storage
 from steps.config import Recipe
-from steps.evaluate import REPORT_METRICS, paired_difference, scorers_of
+from steps.contracts import baseline_row, reported
+from steps.evaluate import paired_difference, scorers_of
 from steps.registry import ModelVersion, Registry
 
 
@@ -19,7 +20,7 @@ def register_best(recipe: Recipe, best: dict, eval_metrics: list[dict], lineage:
     file checksums, the version number and the creation time.
     """
     export_dir = checkpoint.export_model(Path(best["path"]), Path(run_root) / "export" / best["checkpoint"])
-    baseline = next((row for row in eval_metrics if row["checkpoint"] == "base"), None)
+    baseline = baseline_row(eval_metrics)
     manifest = {
         "flow": lineage["pathspec"].split("/")[0],
         "run": lineage["pathspec"].rsplit("/", 2)[0],
@@ -54,8 +55,8 @@ def promote(recipe: Recipe, version: ModelVersion, pathspec: str) -> dict:
 def summary(recipe: Recipe, name: str, version: int, uri: str, eval_metrics: list[dict], best: dict,
             promotion: dict) -> str:
     """A few lines for the end of a run: where the model is, how it compares, how to load it."""
-    baseline = next((row for row in eval_metrics if row["checkpoint"] == "base"), {})
-    keys = [k for k in REPORT_METRICS if k in best]
+    baseline = baseline_row(eval_metrics) or {}
+    keys = reported(best)
     lines = [f"Registered {name} v{version} ({best['checkpoint']}) at {uri}",
              f"{'metric':<26}{'base':>10}{'model':>10}"]
     lines += [f"{k:<26}{baseline.get(k, float('nan')):>10.4f}{best[k]:>10.4f}" for k in keys]

@@ -60,14 +60,13 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from steps import storage
+from steps.contracts import METRICS, reported
 
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _COPY_CHUNK_BYTES = 8 * 1024 * 1024
 # Files the registry writes itself inside a version folder; a source folder that already
 # has them (for example a pulled version being registered again) does not copy them.
 _REGISTRY_FILE_NAMES = frozenset({"manifest.json", "promotion.json"})
-# Manifest metrics that tables show first, when present.
-_PREFERRED_METRICS = ("eval_loss", "perplexity", "assistant_token_accuracy", "task_score")
 
 
 class RegistryError(Exception):
@@ -773,8 +772,7 @@ def _format_value(value: Any) -> str:
 
 def _key_metrics(manifest: dict[str, Any], max_metrics: int = 4) -> str:
     metrics = manifest.get("metrics") or {}
-    ordered = [key for key in _PREFERRED_METRICS if key in metrics]
-    ordered += sorted(key for key in metrics if key not in _PREFERRED_METRICS)
+    ordered = reported(metrics) + sorted(key for key in metrics if key not in METRICS)
     return " ".join(f"{key}={_format_value(metrics[key])}" for key in ordered[:max_metrics]) or "-"
 
 

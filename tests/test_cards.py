@@ -7,6 +7,7 @@ tests/test_notebooks.py and tests/test_flow.py.
 import base64
 import json
 import re
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -108,3 +109,41 @@ def test_cards_of_a_run_hold_png_plots_and_tables(default_run):
     assert [row[0] for row in tables[0]["data"]] == ["base", "step-000100", "step-000200", "step-000300",
                                                       "step-000400"]
     assert data.promotion["promoted"] is True and data.model_version == 1
+
+
+@pytest.mark.slow
+def test_every_card_renders_from_a_real_runs_artifacts_with_the_one_metric_list(default_run, monkeypatch):
+    """The cards, drawn again from the default run's artifacts: every metric of
+    ``steps.contracts.METRICS`` is a column of the evaluation and register tables (the run's
+    rows have them all), and the evaluation plots put each checkpoint at its optimizer step."""
+    from steps.contracts import METRICS
+
+    run = default_run.client_run()
+    data = run["end"].task.data
+    assert all(key in data.best_checkpoint for key in METRICS), sorted(data.best_checkpoint)
+    # The card Metaflow stored for join_evaluate shows every metric (assistant_token_accuracy included).
+    stored = [c for c in card_components(card_html(run["join_evaluate"].task)[0]) if c["type"] == "table"]
+    assert stored and all(key in stored[0]["headers"] for key in METRICS), stored[0]["headers"]
+
+    plotted = {}
+
+    def capture(series, *, title, **kwargs):
+        plotted[title] = series
+        return PNG_MAGIC
+
+    monkeypatch.setattr(cards, "line_plot_png", capture)
+    evaluation = cards.evaluate_card(data.eval_metrics, data.best_checkpoint)
+    register = cards.register_card(data.model_name, data.model_version, data.model_uri, data.eval_metrics,
+                                   data.best_checkpoint, data.promotion)
+    for blocks in (evaluation, register):
+        headers = next(block for block in blocks if "table" in block)["headers"]
+        assert headers == ["model", *METRICS]
+    steps = [int(Path(path).name.split("-")[1]) for path in data.checkpoints]
+    assert steps == [100, 200, 300, 400]
+    for key in ("task_score", "eval_loss"):
+        xs, ys = plotted[key]["checkpoints"]
+        assert list(xs) == steps, (key, xs)
+        by_step = {row["step"]: row[key] for row in data.eval_metrics if "step" in row}
+        assert list(ys) == [by_step[step] for step in steps]
+    assert cards.train_card(data.train_curve)[0]["markdown"].startswith("## Training")
+    assert "Packing efficiency" in cards.tokenize_card(data.token_stats)[0]["markdown"]

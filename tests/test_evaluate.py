@@ -334,7 +334,7 @@ def test_eval_targets_and_evaluate_target_write_the_row(model_dir, data_uris, tm
     targets = eval_targets(recipe, model_dir, [str(tmp_path / "checkpoints" / "step-000010")])
     assert targets == [
         {"checkpoint": "base", "path": str(model_dir)},
-        {"checkpoint": "step-000010", "path": str(tmp_path / "checkpoints" / "step-000010")},
+        {"checkpoint": "step-000010", "path": str(tmp_path / "checkpoints" / "step-000010"), "step": 10},
     ]
     token_stats = {"eval": {"uris": [write_token_shard(tmp_path / "tokens.parquet", [pack_row([DOC_C])])]}}
     dataset_manifest = {"splits": {"eval": {"uris": data_uris}}}

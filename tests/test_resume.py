@@ -57,3 +57,7 @@ def test_resume_clones_finished_steps_and_continues_training_from_its_checkpoint
     # not added to the curve).
     assert [row["step"] for row in data.train_curve] == [2, 4, 6, 8, 10, 12]
     assert data.model_version == 1 and data.promotion["promoted"] is True
+    # And its weights are those of the same training without the crashes, bit for bit.
+    from test_resume_flows import assert_continued_and_equals_uninterrupted
+
+    assert_continued_and_equals_uninterrupted(data, tmp_path, num_resumes=1)

@@ -1,0 +1,156 @@
+"""The step bodies every flow shares: one place for each policy, so that flows cannot drift apart.
+
+A flow file keeps its graph, its decorators and its ``self.*`` assignments; a shared step's body
+calls one function here and keeps what it returns (see the ``train`` step of any flow).
+
+The policies that live here, and nowhere else:
+
+- **Retry and resume.** Every ``train`` step is ``@retry(**TRAIN_RETRY)``. A retried or resumed
+  (``resume --origin-run-id``) train step continues from the latest complete checkpoint of this
+  run, of the origin run, and of ``train.resume_from``; it never starts again from step 0.
+- **Cards.** ``tokenize``, ``train``, ``join_evaluate`` and ``register`` show the same cards in
+  every flow (``steps/cards.py`` draws them; ``card_view.show`` turns them into components).
+- **Evaluation rows.** The starting model's row is ``steps.contracts.BASELINE_ROW``; the best
+  checkpoint is chosen among trained checkpoints only, by ``evaluate.select_metric``.
+
+Functions here may import metaflow (``current``); the logic they call, in ``steps/``, never does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from metaflow import Config, current
+
+from card_view import show
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+_STEPS_DIR = Path(__file__).resolve().parent.parent / "steps"
+STEPS_SOURCE = str(_STEPS_DIR) if _STEPS_DIR.exists() else "steps"
+"""What ``@package_sources`` adds to every flow's code package: ``steps/`` (on remote compute the
+package is all there is)."""
+
+TRAIN_RETRY = {"times": 1, "minutes_between_retries": 0}
+"""``@retry`` of every train step: a lost node or rank retries once, from the latest checkpoint."""
+
+UNATTENDED_RETRY = {"times": 2, "minutes_between_retries": 1}
+"""``@retry`` of the idempotent steps of a scheduled flow (nobody is there to ``resume`` it):
+steps that only read their inputs and rewrite their own files under the run root."""
+
+
+def recipe_config(default_recipe: str) -> Config:
+    """The flow's ``recipe`` Config: a YAML file, ``configs/<default_recipe>`` unless
+    ``--config recipe FILE`` names another (see steps/config.py for every field)."""
+    return Config("recipe", default=str(CONFIGS_DIR / default_recipe), parser=yaml.safe_load,
+                  help="YAML recipe (see steps/config.py and docs/recipes.md for every field)")
+
+
+def recipe_of(flow):
+    """The flow's recipe as validated dataclasses (``spec = property(flow_steps.recipe_of)``)."""
+    from steps.config import recipe_from_dict
+
+    return recipe_from_dict(flow.recipe.to_dict() if hasattr(flow.recipe, "to_dict") else dict(flow.recipe))
+
+
+def run_root(spec) -> str:
+    """This run's folder under the recipe's storage: ``<storage>/<Flow>/<run_id>``."""
+    from steps import storage
+
+    return storage.run_root(spec.storage_root, current.flow_name, current.run_id)
+
+
+def lineage(spec, **extra) -> dict:
+    """What produced this run (``steps.lineage.collect``), with the flow's own ``extra`` keys."""
+    from steps import lineage as lineage_
+
+    return {**lineage_.collect(spec, current.pathspec, code_dir=Path(__file__).resolve().parent), **extra}
+
+
+def tokenize(spec, base_model_path: str, dataset_manifest: dict, run_root_: str) -> dict:
+    """Render, mask and pack the conversations (``steps.chat``); show the tokenize card."""
+    from steps import cards, chat
+
+    token_stats = chat.tokenize_splits(spec, base_model_path, dataset_manifest, run_root_)
+    show(cards.tokenize_card(token_stats))
+    return token_stats
+
+
+def origin_run_root(spec) -> str | None:
+    """On ``resume``, the run root of the run being resumed (its checkpoints count too)."""
+    from steps import storage
+
+    if not current.origin_run_id:
+        return None
+    return storage.run_root(spec.storage_root, current.flow_name, current.origin_run_id)
+
+
+def train(spec, base_model_path: str, token_stats: dict, run_root_: str, *, objective: str = "sft",
+          objective_inputs: dict | None = None) -> tuple[list[str], list[dict]] | None:
+    """This node's share of a ``@parallel`` train step: torchrun over ``train.nproc_per_node`` ranks.
+
+    Every node looks for checkpoints in the same places (this run, the origin run of a
+    ``resume``, ``train.resume_from``) and uses the same rendezvous port for an attempt; a retry
+    gets a new port, so a half-dead previous attempt cannot join it. Node 0 returns
+    ``(checkpoints, train_curve)`` and shows the train card; the other nodes return None (their
+    artifacts would only conflict in ``join_train``).
+    """
+    from steps import cards, launch
+
+    result = launch.run_node(spec, base_model_path, token_stats, run_root_,
+                             node_index=current.parallel.node_index, num_nodes=current.parallel.num_nodes,
+                             main_ip=current.parallel.main_ip,
+                             run_key=f"{current.pathspec.rsplit('/', 1)[0]}/{current.retry_count}",
+                             resume_roots=launch.resume_roots_for(spec, origin_run_root(spec)),
+                             objective=objective, objective_inputs=objective_inputs)
+    if current.parallel.node_index != 0:
+        return None
+    show(cards.train_card(result["train_curve"]))
+    return result["checkpoints"], result["train_curve"]
+
+
+def evaluate(spec, target: dict, dataset_manifest: dict, token_stats: dict, run_root_: str, num_targets: int,
+             heldout=None) -> dict:
+    """Score one target (held-out loss or ``heldout``, then task metrics by generation); one row."""
+    from steps import evaluate as evaluate_
+
+    kwargs = {"heldout": heldout} if heldout is not None else {}
+    return evaluate_.evaluate_target(spec, target, dataset_manifest, token_stats, run_root_,
+                                     num_parallel_tasks=num_targets, **kwargs)
+
+
+def champion_metrics(spec, version_or_alias=None) -> dict | None:
+    """``{"version", "metrics"}`` of the registry's champion (``promote.alias``) or of a version."""
+    from steps import cards
+
+    return cards.registry_version_metrics(spec.registry_root, spec.register.model_name,
+                                          spec.promote.alias if version_or_alias is None else version_or_alias)
+
+
+def join_evaluate(spec, rows: list[dict], champion: dict | None) -> dict:
+    """The best trained checkpoint of the metrics ``rows`` (by ``evaluate.select_metric``); shows
+    the evaluation card, with the champion's row when there is one."""
+    from steps import cards, contracts, evaluate as evaluate_
+
+    best = evaluate_.select_best(contracts.scored_checkpoints(rows), spec.evaluate.select_metric,
+                                 spec.evaluate.select_mode)
+    show(cards.evaluate_card(rows, best, champion))
+    return best
+
+
+def register(spec, best: dict, eval_metrics: list[dict], lineage_: dict, dataset_manifest: dict,
+             run_root_: str, champion: dict | None = None) -> tuple[str, int, str, dict]:
+    """Publish ``best`` as the next registry version and let the gate move the champion alias.
+
+    Returns ``(model_name, model_version, model_uri, promotion)`` and shows the register card
+    (against ``champion``, else the champion the gate leaves in place).
+    """
+    from steps import cards, publish
+
+    version = publish.register_best(spec, best, eval_metrics, lineage_, dataset_manifest, run_root_)
+    promotion = publish.promote(spec, version, current.pathspec)
+    if champion is None:
+        champion = champion_metrics(spec, promotion["champion_version"])
+    show(cards.register_card(version.name, version.version, version.uri, eval_metrics, best, promotion, champion))
+    return version.name, version.version, version.uri, promotion
