@@ -11,7 +11,7 @@ from pathlib import Path
 
 import flow_env  # noqa: F401  (flows/flow_env.py: steps on sys.path, METAFLOW_USER, PATH)
 
-from metaflow import FlowSpec, card, package_sources, parallel, retry, step  # noqa: E402
+from metaflow import FlowSpec, card, package_sources, step  # noqa: E402
 
 import flow_steps  # noqa: E402  (flows/flow_steps.py: the step bodies every flow shares)
 
@@ -33,21 +33,23 @@ class DistillFlow(FlowSpec):
 
     @step
     def start(self):
-        """Find the teacher (the latest registered SFT model by default), check it shares the student's tokenizer."""
-        from steps import distill, models
+        """Find the teacher (the latest registered SFT model by default) first, since a missing one is the
+        likely failure, then build the student; check that both tokenize alike."""
+        from steps import distill
 
         self.run_root = flow_steps.run_root(self.spec)
-        self.base_model_path = str(models.resolve_base_model(self.spec.model.base, self.spec.storage_root))
         self.teacher_path, self.teacher = distill.resolve_teacher(self.spec, Path(self.run_root) / "teacher")
+        self.base_model_path, parent = flow_steps.base_model(self.spec, self.run_root)
         distill.check_same_tokenizer(self.teacher_path, self.base_model_path, self.spec.model.trust_remote_code)
-        self.lineage = flow_steps.lineage(self.spec, teacher=self.teacher)
+        self.lineage = flow_steps.lineage(self.spec, teacher=self.teacher, **({"parent": parent} if parent else {}))
         print(f"run root: {self.run_root}\nstudent: {self.spec.model.base} -> {self.base_model_path}\n"
               f"teacher: {self.spec.distill.teacher} -> {self.teacher_path}")
         self.next(self.ingest)
 
     @step
     def ingest(self):
-        """Read, validate, dedupe and split the conversations into Parquet shards."""
+        """Read, validate, dedupe and split the conversations into Parquet shards: the text on which
+        the student matches the teacher's next-token distribution."""
         from steps import ingest
 
         self.dataset_manifest = ingest.ingest(self.spec, self.run_root)
@@ -56,7 +58,8 @@ class DistillFlow(FlowSpec):
     @card(type="blank")
     @step
     def tokenize(self):
-        """Render chats with the (shared) template, mask non-assistant tokens, pack."""
+        """Render chats with the template that student and teacher share (start checked it), mask
+        non-assistant tokens, pack."""
         self.token_stats = flow_steps.tokenize(self.spec, self.base_model_path, self.dataset_manifest, self.run_root)
         self.next(self.teacher_logits)
 
@@ -69,9 +72,7 @@ class DistillFlow(FlowSpec):
                                                             self.token_stats, self.run_root)
         self.next(self.train, num_parallel=self.spec.train.num_nodes)
 
-    @card(type="blank")
-    @retry(**flow_steps.TRAIN_RETRY)
-    @parallel
+    @flow_steps.train_step  # @parallel, @retry (resumes from the latest checkpoint), the train card
     @step
     def train(self):
         """Launch torchrun on every node; the loss is the KL to the teacher on trained tokens."""
@@ -83,7 +84,8 @@ class DistillFlow(FlowSpec):
 
     @step
     def join_train(self, inputs):
-        """Keep what rank 0 produced."""
+        """Keep what rank 0 produced: the checkpoints, and the curve with the cross-entropy and the KL
+        to the teacher at every logged step."""
         self.merge_artifacts(inputs)
         self.next(self.plan_evaluation)
 
@@ -98,15 +100,16 @@ class DistillFlow(FlowSpec):
 
     @step
     def evaluate(self):
-        """Score one checkpoint (or the base model, or the teacher) on held-out data."""
-        self.metrics = flow_steps.evaluate(self.spec, self.input, self.dataset_manifest, self.token_stats,
-                                           self.run_root, len(self.eval_targets))
+        """Score one checkpoint, the student's base model or the teacher on held-out data (the
+        teacher's row is compared with the student's, never registered)."""
+        self.metrics = flow_steps.evaluate(self)
         self.next(self.join_evaluate)
 
     @card(type="blank")
     @step
     def join_evaluate(self, inputs):
-        """Pick the best student checkpoint and compare it with the teacher."""
+        """Pick the best student checkpoint and compare it with the teacher, metric by metric, on the
+        same held-out requests."""
         from steps import distill
 
         self.merge_artifacts(inputs, exclude=["metrics"])

@@ -6,7 +6,7 @@
 
 import flow_env  # noqa: F401  (flows/flow_env.py: steps on sys.path, METAFLOW_USER, PATH)
 
-from metaflow import FlowSpec, card, package_sources, parallel, retry, step  # noqa: E402
+from metaflow import FlowSpec, card, package_sources, step  # noqa: E402
 
 import flow_steps  # noqa: E402  (flows/flow_steps.py: the step bodies every flow shares)
 
@@ -72,9 +72,7 @@ class DPOFlow(FlowSpec):
         flow_steps.show(cards.tokenize_card(self.token_stats))
         self.next(self.train, num_parallel=self.spec.train.num_nodes)
 
-    @card(type="blank")
-    @retry(**flow_steps.TRAIN_RETRY)
-    @parallel
+    @flow_steps.train_step  # @parallel, @retry (resumes from the latest checkpoint), the train card
     @step
     def train(self):
         """Launch torchrun on every node with the dpo objective; rank 0 writes checkpoints."""
@@ -86,13 +84,15 @@ class DPOFlow(FlowSpec):
 
     @step
     def join_train(self, inputs):
-        """Keep what rank 0 produced."""
+        """Keep what rank 0 produced: the checkpoints, and the curve with the DPO metrics of every
+        logged step (chosen and rejected log-probs, reward accuracy and margin)."""
         self.merge_artifacts(inputs)
         self.next(self.plan_evaluation)
 
     @step
     def plan_evaluation(self):
-        """One evaluation task per checkpoint, plus the starting policy as the baseline."""
+        """One evaluation task per checkpoint, plus the starting policy as the baseline (its held-out
+        reward accuracy is 0 when it is its own reference: every reward is 0)."""
         from steps import evaluate
 
         self.eval_targets = evaluate.eval_targets(self.spec, self.base_model_path, self.checkpoints)
@@ -103,35 +103,41 @@ class DPOFlow(FlowSpec):
         """Held-out pairs (reward accuracy, margin, log-probs) and the task metrics of one checkpoint."""
         from steps import dpo
 
-        self.metrics = flow_steps.evaluate(self.spec, self.input, self.dataset_manifest, self.token_stats,
-                                           self.run_root, len(self.eval_targets), dpo.heldout_metrics(self.spec))
+        self.metrics = flow_steps.evaluate(self, dpo.heldout_metrics(self.spec))
         self.next(self.join_evaluate)
 
     @card(type="blank")
     @step
     def join_evaluate(self, inputs):
-        """Collect the metrics table and pick the best checkpoint."""
+        """Collect the metrics table (task metrics, then the held-out preference metrics) and pick the
+        best checkpoint by evaluate.select_metric."""
+        from steps import dpo
+
         self.merge_artifacts(inputs, exclude=["metrics"])
         self.eval_metrics = [task.metrics for task in inputs]
         self.best_checkpoint = flow_steps.join_evaluate(self.spec, self.eval_metrics,
-                                                        flow_steps.champion_metrics(self.spec))
+                                                        flow_steps.champion_metrics(self.spec), dpo.PREFERENCE_METRICS)
         self.next(self.register)
 
     @card(type="blank")
     @step
     def register(self):
-        """Publish the best checkpoint under the recipe's model name; lineage names the parent version."""
+        """Publish the best checkpoint under the recipe's model name (not the SFT model's); its lineage
+        names the parent version it started from."""
+        from steps import dpo
+
         self.model_name, self.model_version, self.model_uri, self.promotion = flow_steps.register(
-            self.spec, self.best_checkpoint, self.eval_metrics, self.lineage, self.dataset_manifest, self.run_root)
+            self.spec, self.best_checkpoint, self.eval_metrics, self.lineage, self.dataset_manifest, self.run_root,
+            extra_metrics=dpo.PREFERENCE_METRICS)
         self.next(self.end)
 
     @step
     def end(self):
         """Say where the model is and how it compares with the starting policy."""
-        from steps import dpo
+        from steps import dpo, publish
 
-        print(dpo.summary(self.spec, self.model_name, self.model_version, self.model_uri,
-                          self.eval_metrics, self.best_checkpoint, self.promotion))
+        print(publish.summary(self.spec, self.model_name, self.model_version, self.model_uri,
+                              self.eval_metrics, self.best_checkpoint, self.promotion, dpo.PREFERENCE_METRICS))
 
 
 if __name__ == "__main__":

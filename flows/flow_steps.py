@@ -5,7 +5,8 @@ calls one function here and keeps what it returns (see the ``train`` step of any
 
 The policies that live here, and nowhere else:
 
-- **Retry and resume.** Every ``train`` step is ``@retry(**TRAIN_RETRY)``. A retried or resumed
+- **Retry and resume.** Every ``train`` step is ``@flow_steps.train_step`` (``@parallel``,
+  ``@retry(**TRAIN_RETRY)``, the train card). A retried or resumed
   (``resume --origin-run-id``) train step continues from the latest complete checkpoint of this
   run, of the origin run, and of ``train.resume_from``; it never starts again from step 0.
 - **Cards.** ``tokenize``, ``train``, ``join_evaluate`` and ``register`` show the same cards in
@@ -20,9 +21,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
-from metaflow import Config, current
+from metaflow import Config, StepMutator, current
+from metaflow.exception import MetaflowException
 
 from card_view import show
 
@@ -35,6 +35,24 @@ package is all there is)."""
 TRAIN_RETRY = {"times": 1, "minutes_between_retries": 0}
 """``@retry`` of every train step: a lost node or rank retries once, from the latest checkpoint."""
 
+
+class train_step(StepMutator):  # noqa: N801  (named as the decorator it is: ``@flow_steps.train_step``)
+    """Every flow's train step policy, as one decorator: ``@parallel``, ``@retry(**TRAIN_RETRY)``
+    and the train card (``@card(type="blank")``)::
+
+        @flow_steps.train_step
+        @step
+        def train(self):
+            trained = flow_steps.train(self.spec, self.base_model_path, self.token_stats, self.run_root)
+
+    The step body calls :func:`train`, which resumes from the latest checkpoint on a retry.
+    """
+
+    def pre_mutate(self, mutable_step):
+        mutable_step.add_decorator("parallel")
+        mutable_step.add_decorator("retry", deco_kwargs=TRAIN_RETRY)
+        mutable_step.add_decorator("card", deco_kwargs={"type": "blank"})
+
 UNATTENDED_RETRY = {"times": 2, "minutes_between_retries": 1}
 """``@retry`` of the idempotent steps of a scheduled flow (nobody is there to ``resume`` it):
 steps that only read their inputs and rewrite their own files under the run root."""
@@ -42,9 +60,43 @@ steps that only read their inputs and rewrite their own files under the run root
 
 def recipe_config(default_recipe: str) -> Config:
     """The flow's ``recipe`` Config: a YAML file, ``configs/<default_recipe>`` unless
-    ``--config recipe FILE`` names another (see steps/config.py for every field)."""
-    return Config("recipe", default=str(CONFIGS_DIR / default_recipe), parser=yaml.safe_load,
+    ``--config recipe FILE`` names another (see steps/config.py for every field). It is checked
+    when the flow loads it, before any task starts (:func:`parse_recipe`)."""
+    return Config("recipe", default=str(CONFIGS_DIR / default_recipe), parser=parse_recipe,
                   help="YAML recipe (see steps/config.py and docs/recipes.md for every field)")
+
+
+def parse_recipe(text: str) -> dict:
+    """Every flow's Config parser: the recipe's YAML, parsed safely (YAML 1.2 floats, no
+    duplicate keys, bounded aliases and nesting) and validated in full, local source paths
+    included. A bad recipe stops the flow before any task starts, with every problem on its own
+    line and no traceback::
+
+        recipe configs/my.yaml has 3 problems:
+          recipe has unknown field 'trian' (known: data, distill, dpo, evaluate, ...)
+          recipe field 'train.lr' must be > 0, got -1.0
+          recipe field 'data.sources[0].uri' names no file or folder: 'data/typo.jsonl' (...)
+    """
+    from steps.config import RecipeError, missing_local_sources, parse_recipe_yaml, recipe_problems
+
+    try:
+        data = parse_recipe_yaml(text)
+        problems = recipe_problems(data) + missing_local_sources(data)
+    except RecipeError as err:
+        problems = err.problems
+    if problems:
+        raise BadRecipe(problems)
+    return data or {}
+
+
+class BadRecipe(MetaflowException):
+    """A recipe with problems: Metaflow prints the message (every problem) without a traceback."""
+
+    headline = "Bad recipe"
+
+    def __init__(self, problems: list[str]):
+        count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
+        super().__init__(f"the recipe has {count}:\n" + "\n".join(f"  {line}" for line in problems))
 
 
 def recipe_of(flow):
@@ -66,6 +118,14 @@ def lineage(spec, **extra) -> dict:
     from steps import lineage as lineage_
 
     return {**lineage_.collect(spec, current.pathspec, code_dir=Path(__file__).resolve().parent), **extra}
+
+
+def base_model(spec, run_root_: str) -> tuple[str, dict | None]:
+    """``model.base`` as a local folder, and the registry version it came from (None unless it is
+    ``registry:...``): ``steps.models.resolve_model_ref``, the one resolver of model references."""
+    from steps import models
+
+    return models.resolve_model_ref(spec.model.base, spec, Path(run_root_) / "base_model", field="model.base")
 
 
 def tokenize(spec, base_model_path: str, dataset_manifest: dict, run_root_: str) -> dict:
@@ -110,14 +170,18 @@ def train(spec, base_model_path: str, token_stats: dict, run_root_: str, *, obje
     return result["checkpoints"], result["train_curve"]
 
 
-def evaluate(spec, target: dict, dataset_manifest: dict, token_stats: dict, run_root_: str, num_targets: int,
-             heldout=None) -> dict:
-    """Score one target (held-out loss or ``heldout``, then task metrics by generation); one row."""
+def evaluate(flow, heldout=None) -> dict:
+    """Score the foreach's target (``flow.input``) on the run's held-out data: the held-out loss (or
+    ``heldout``, a method's own held-out metrics), then task metrics by generation. One row.
+
+    Reads the artifacts every flow has by then: ``spec``, ``dataset_manifest``, ``token_stats``,
+    ``run_root`` and ``eval_targets`` (the foreach's width: its tasks share the machine's cores).
+    """
     from steps import evaluate as evaluate_
 
     kwargs = {"heldout": heldout} if heldout is not None else {}
-    return evaluate_.evaluate_target(spec, target, dataset_manifest, token_stats, run_root_,
-                                     num_parallel_tasks=num_targets, **kwargs)
+    return evaluate_.evaluate_target(flow.spec, flow.input, flow.dataset_manifest, flow.token_stats, flow.run_root,
+                                     num_parallel_tasks=len(flow.eval_targets), **kwargs)
 
 
 def champion_metrics(spec, version_or_alias=None) -> dict | None:
@@ -128,19 +192,21 @@ def champion_metrics(spec, version_or_alias=None) -> dict | None:
                                           spec.promote.alias if version_or_alias is None else version_or_alias)
 
 
-def join_evaluate(spec, rows: list[dict], champion: dict | None) -> dict:
+def join_evaluate(spec, rows: list[dict], champion: dict | None, extra_metrics: tuple[str, ...] = ()) -> dict:
     """The best trained checkpoint of the metrics ``rows`` (by ``evaluate.select_metric``); shows
-    the evaluation card, with the champion's row when there is one."""
+    the evaluation card, with the champion's row when there is one, and the method's own
+    ``extra_metrics`` after the common ones."""
     from steps import cards, contracts, evaluate as evaluate_
 
     best = evaluate_.select_best(contracts.scored_checkpoints(rows), spec.evaluate.select_metric,
                                  spec.evaluate.select_mode)
-    show(cards.evaluate_card(rows, best, champion))
+    show(cards.evaluate_card(rows, best, champion, extra_metrics))
     return best
 
 
 def register(spec, best: dict, eval_metrics: list[dict], lineage_: dict, dataset_manifest: dict,
-             run_root_: str, champion: dict | None = None) -> tuple[str, int, str, dict]:
+             run_root_: str, champion: dict | None = None, extra_metrics: tuple[str, ...] = ()
+             ) -> tuple[str, int, str, dict]:
     """Publish ``best`` as the next registry version and let the gate move the champion alias.
 
     Returns ``(model_name, model_version, model_uri, promotion)`` and shows the register card
@@ -152,5 +218,6 @@ def register(spec, best: dict, eval_metrics: list[dict], lineage_: dict, dataset
     promotion = publish.promote(spec, version, current.pathspec)
     if champion is None:
         champion = champion_metrics(spec, promotion["champion_version"])
-    show(cards.register_card(version.name, version.version, version.uri, eval_metrics, best, promotion, champion))
+    show(cards.register_card(version.name, version.version, version.uri, eval_metrics, best, promotion, champion,
+                             extra_metrics))
     return version.name, version.version, version.uri, promotion

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import flow_env  # noqa: F401  (flows/flow_env.py: steps on sys.path, METAFLOW_USER, PATH)
 
-from metaflow import (FlowSpec, card, config_expr, current, package_sources, parallel, project,  # noqa: E402
-                      retry, schedule, step, trigger)
+from metaflow import (FlowSpec, card, config_expr, current, package_sources, project, retry, schedule,  # noqa: E402
+                      step, trigger)
 
 import flow_steps  # noqa: E402  (flows/flow_steps.py: the step bodies every flow shares)
 
@@ -83,13 +83,12 @@ class RetrainFlow(FlowSpec):
     @retry(**flow_steps.UNATTENDED_RETRY)
     @step
     def tokenize(self):
-        """Render chats with the champion's template, mask non-assistant tokens, pack."""
+        """Render the new drops' chats with the champion's own chat template (its tokenizer came with
+        the warm-start download), mask non-assistant tokens, pack."""
         self.token_stats = flow_steps.tokenize(self.spec, self.base_model_path, self.dataset_manifest, self.run_root)
         self.next(self.train, num_parallel=self.spec.train.num_nodes)
 
-    @card(type="blank")
-    @retry(**flow_steps.TRAIN_RETRY)
-    @parallel
+    @flow_steps.train_step  # @parallel, @retry (resumes from the latest checkpoint), the train card
     @step
     def train(self):
         """Launch torchrun on every node, starting from the champion's weights (warm start: a fresh
@@ -119,8 +118,7 @@ class RetrainFlow(FlowSpec):
     @step
     def evaluate(self):
         """Score one checkpoint (or the warm-start model) on the stable eval set."""
-        self.metrics = flow_steps.evaluate(self.spec, self.input, self.dataset_manifest, self.token_stats,
-                                           self.run_root, len(self.eval_targets))
+        self.metrics = flow_steps.evaluate(self)
         self.next(self.join_evaluate)
 
     @card(type="blank")
@@ -140,7 +138,7 @@ class RetrainFlow(FlowSpec):
         """Register the best checkpoint; the registry's gate decides whether it becomes champion."""
         self.model_name, self.model_version, self.model_uri, self.promotion = flow_steps.register(
             self.spec, self.best_checkpoint, self.eval_metrics, self.lineage, self.dataset_manifest, self.run_root,
-            champion=self.champion)
+            self.champion)  # the card compares with the champion it had to beat
         self.next(self.end)
 
     @step

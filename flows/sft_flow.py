@@ -6,7 +6,7 @@
 
 import flow_env  # noqa: F401  (flows/flow_env.py: steps on sys.path, METAFLOW_USER, PATH)
 
-from metaflow import FlowSpec, card, package_sources, parallel, retry, step  # noqa: E402
+from metaflow import FlowSpec, card, package_sources, step  # noqa: E402
 
 import flow_steps  # noqa: E402  (flows/flow_steps.py: the step bodies every flow shares)
 
@@ -28,11 +28,9 @@ class SFTFlow(FlowSpec):
     @step
     def start(self):
         """Validate the recipe, record lineage, build the base model if it is builtin."""
-        from steps import models
-
         self.run_root = flow_steps.run_root(self.spec)
-        self.base_model_path = str(models.resolve_base_model(self.spec.model.base, self.spec.storage_root))
-        self.lineage = flow_steps.lineage(self.spec)
+        self.base_model_path, parent = flow_steps.base_model(self.spec, self.run_root)
+        self.lineage = flow_steps.lineage(self.spec, **({"parent": parent} if parent else {}))
         print(f"run root: {self.run_root}\nbase model: {self.spec.model.base} -> {self.base_model_path}")
         self.next(self.ingest)
 
@@ -51,9 +49,7 @@ class SFTFlow(FlowSpec):
         self.token_stats = flow_steps.tokenize(self.spec, self.base_model_path, self.dataset_manifest, self.run_root)
         self.next(self.train, num_parallel=self.spec.train.num_nodes)
 
-    @card(type="blank")
-    @retry(**flow_steps.TRAIN_RETRY)
-    @parallel
+    @flow_steps.train_step  # @parallel, @retry (resumes from the latest checkpoint), the train card
     @step
     def train(self):
         """Launch torchrun on every node; rank 0 writes checkpoints under the run root."""
@@ -79,8 +75,7 @@ class SFTFlow(FlowSpec):
     @step
     def evaluate(self):
         """Score one checkpoint (or the base model) on held-out data."""
-        self.metrics = flow_steps.evaluate(self.spec, self.input, self.dataset_manifest, self.token_stats,
-                                           self.run_root, len(self.eval_targets))
+        self.metrics = flow_steps.evaluate(self)
         self.next(self.join_evaluate)
 
     @card(type="blank")

@@ -176,12 +176,13 @@ def tokenize_card(token_stats: dict) -> list[dict]:
     ]
 
 
-def metrics_table(eval_metrics: Sequence[dict], champion: dict | None = None) -> dict:
+def metrics_table(eval_metrics: Sequence[dict], champion: dict | None = None,
+                  extra_metrics: Sequence[str] = ()) -> dict:
     """Checkpoints against the baseline (``base``) and, if given, the registry's champion.
 
     ``champion`` is ``{"version": N, "metrics": {...}}``. Returns one table block; rows are the
     baseline, the champion, then checkpoints in step order, with the metrics of
-    ``steps.contracts.METRICS`` that any row has.
+    ``steps.contracts.METRICS`` and then of ``extra_metrics`` (a method's own) that any row has.
 
     >>> metrics_table([{"checkpoint": "step-000002", "task_score": 0.5}, {"checkpoint": "base", "task_score": 0.1}])
     {'table': [['base', 0.1], ['step-000002', 0.5]], 'headers': ['model', 'task_score']}
@@ -191,17 +192,18 @@ def metrics_table(eval_metrics: Sequence[dict], champion: dict | None = None) ->
     if champion:
         named.insert(1 if rows and rows[0]["checkpoint"] == BASELINE_ROW else 0,
                      (f"champion v{champion['version']}", champion["metrics"]))
-    keys = [k for k in METRICS if any(k in row for _, row in named)]
+    keys = [k for k in (*METRICS, *extra_metrics) if any(k in row for _, row in named)]
     table = [[name, *[_rounded(row.get(k)) for k in keys]] for name, row in named]
     return {"table": table, "headers": ["model", *keys]}
 
 
-def evaluate_card(eval_metrics: Sequence[dict], best: dict, champion: dict | None = None) -> list[dict]:
+def evaluate_card(eval_metrics: Sequence[dict], best: dict, champion: dict | None = None,
+                  extra_metrics: Sequence[str] = ()) -> list[dict]:
     """The evaluation card: the metrics table and a plot of each metric across checkpoints, at
     their optimizer steps (the baseline as a flat line)."""
     checkpoints = sorted(scored_checkpoints(eval_metrics), key=row_step)
     blocks = [{"markdown": f"## Evaluation\nBest checkpoint: **{best['checkpoint']}**"},
-              metrics_table(eval_metrics, champion)]
+              metrics_table(eval_metrics, champion, extra_metrics)]
     baseline = baseline_row(eval_metrics)
     for key in ("task_score", "eval_loss"):
         if checkpoints and key in checkpoints[0]:
@@ -226,11 +228,12 @@ def promotion_markdown(model_name: str, model_version: int, promotion: dict) -> 
 
 
 def register_card(model_name: str, model_version: int, model_uri: str, eval_metrics: Sequence[dict],
-                  best: dict, promotion: dict, champion: dict | None = None) -> list[dict]:
+                  best: dict, promotion: dict, champion: dict | None = None,
+                  extra_metrics: Sequence[str] = ()) -> list[dict]:
     """The register step's card: the gate's decision, then the metrics table against baseline and champion."""
     return [{"markdown": promotion_markdown(model_name, model_version, promotion)},
             {"markdown": f"Registered `{model_uri}` from **{best['checkpoint']}**."},
-            metrics_table(eval_metrics, champion)]
+            metrics_table(eval_metrics, champion, extra_metrics)]
 
 
 def _rounded(value):

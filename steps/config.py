@@ -13,8 +13,11 @@ values raise ``RecipeError`` (a ``ValueError``) naming the field by its dotted p
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
+import math
 import os
+import re
 import types
 import typing
 import warnings
@@ -26,18 +29,46 @@ import yaml
 
 
 class RecipeError(ValueError):
-    """A recipe field is unknown or holds a bad value. The message names the field."""
+    """A recipe field is unknown or holds a bad value. The message names the field, one line per
+    problem (``problems``), every problem of the recipe at once."""
+
+    def __init__(self, problems: str | list[str]):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+# While a recipe is validated, every problem found is appended here (instead of raising at the
+# first), so that a user sees all of them at once.
+_PROBLEMS: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("recipe_problems", default=None)
+_INVALID = object()  # what a field that failed coercion becomes: its default is used meanwhile
+_MAX_SHOWN_CHARS = 80
+
+
+def _short(value: Any) -> str:
+    """``repr(value)``, cut to a few dozen characters: an error message never holds a whole
+    (possibly huge) value."""
+    text = repr(value)
+    return text if len(text) <= _MAX_SHOWN_CHARS else f"{text[:_MAX_SHOWN_CHARS - 15]}... ({len(text)} chars)"
+
+
+def _report(message: str) -> None:
+    problems = _PROBLEMS.get()
+    if problems is None:
+        raise RecipeError(message)
+    problems.append(message)
 
 
 def _check(ok: bool, path: str, requirement: str, value: Any) -> None:
     if not ok:
-        raise RecipeError(f"recipe field '{path}' must be {requirement}, got {value!r}")
+        _report(f"recipe field '{path}' must be {requirement}, got {_short(value)}")
 
 
 @dataclass(kw_only=True, slots=True)
 class ModelConfig:
     base: str = "builtin:tiny-llama"
-    """Base model: ``builtin:tiny-llama`` (built offline), a local folder, or a Hugging Face id."""
+    """Base model: ``builtin:tiny-llama`` (built offline), a local folder, a Hugging Face id, or a
+    registered model, ``registry:NAME[@VERSION_OR_ALIAS]`` (downloaded, checksums verified, and
+    recorded as the run's ``lineage.parent``)."""
     trust_remote_code: bool = False
     """Run model code shipped with the checkpoint. Off unless you trust the source."""
     attn_implementation: str = "auto"
@@ -63,11 +94,26 @@ class SourceConfig:
     a folder / prefix of them); or a local folder saved by ``datasets``."""
     weight: float = 1.0
     """Times each training conversation of this source is taken: 2.0 = twice, 0.5 = a hash-chosen
-    half (``steps.ingest.num_copies``). An eval conversation is taken at most once."""
+    half (``steps.ingest.num_copies``), at most 100. An eval conversation is taken at most once."""
+    allow_empty: bool = False
+    """Let this source yield no record at all; by default that fails ingest, naming the source
+    (an empty source is usually a typo in a path or a folder of other files)."""
 
     def validate(self, path: str) -> None:
         _check(bool(self.uri.strip()), f"{path}.uri", "a non-empty URI", self.uri)
-        _check(self.weight > 0, f"{path}.weight", "> 0", self.weight)
+        _check(0 < self.weight <= MAX_SOURCE_WEIGHT, f"{path}.weight", f"in (0, {MAX_SOURCE_WEIGHT}]", self.weight)
+
+    def missing_local_path(self, path: str) -> str | None:
+        """The problem of a local source that does not exist (None for builtin:, s3:// and paths
+        that exist): caught when the recipe is read, not minutes later in the ingest task."""
+        if self.uri.startswith(("builtin:", "s3://")) or Path(self.uri).expanduser().exists():
+            return None
+        return (f"recipe field '{path}.uri' names no file or folder: {_short(self.uri)} (a relative path is "
+                f"read from {Path.cwd()})")
+
+
+MAX_SOURCE_WEIGHT = 100.0
+"""Up-weighting beyond this is a typo (``weight: 1e9`` would write shards until the disk fills)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -87,6 +133,8 @@ class DataConfig:
 
     def validate(self, path: str) -> None:
         _check(len(self.sources) > 0, f"{path}.sources", "a non-empty list", self.sources)
+        _check(self.builtin_num_conversations <= 10_000_000, f"{path}.builtin_num_conversations",
+               "at most 10,000,000", self.builtin_num_conversations)
         for i, source in enumerate(self.sources):
             source.validate(f"{path}.sources[{i}]")
         _check(self.builtin_num_conversations > 0, f"{path}.builtin_num_conversations", "> 0",
@@ -490,19 +538,20 @@ def _build(cls: type, data: Any, path: str) -> Any:
         return data
     label = path or "recipe"
     if not isinstance(data, dict):
-        raise RecipeError(f"recipe field '{label}' must be a mapping, got {data!r}")
+        _report(f"recipe field '{label}' must be a mapping, got {_short(data)}")
+        data = {}
     known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        where = f"'{path}.{unknown[0]}'" if path else f"'{unknown[0]}'"
-        raise RecipeError(f"recipe has unknown field {where} (known: {', '.join(sorted(known))})")
+    for name in sorted(set(data) - set(known), key=str):
+        where = f"'{path}.{name}'" if path else f"'{name}'"
+        _report(f"recipe has unknown field {_short(where)[1:-1]} (known: {', '.join(sorted(known))})")
     hints = typing.get_type_hints(cls)
     kwargs = {name: _coerce(hints[name], value, f"{path}.{name}" if path else name)
-              for name, value in data.items()}
+              for name, value in data.items() if name in known}
     try:
-        return cls(**kwargs)
-    except TypeError as err:  # a required field is missing
-        raise RecipeError(f"recipe section '{label}': {err}") from None
+        return cls(**{name: value for name, value in kwargs.items() if value is not _INVALID})
+    except TypeError as err:  # a required field is missing (or was invalid)
+        _report(f"recipe section '{label}': {err}")
+        return _INVALID
 
 
 def _coerce(hint: Any, value: Any, path: str) -> Any:
@@ -517,45 +566,153 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
         return _coerce(inner[0], value, path) if len(inner) == 1 else value
     if origin is list:
         if not isinstance(value, list):
-            raise RecipeError(f"recipe field '{path}' must be a list, got {value!r}")
-        return [_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
+            return _invalid(path, "a list", value)
+        items = [_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return _INVALID if any(item is _INVALID for item in items) else items
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise RecipeError(f"recipe field '{path}' must be a list of {len(args)}, got {value!r}")
-        return tuple(_coerce(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+            return _invalid(path, f"a list of {len(args)}", value)
+        items = tuple(_coerce(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        return _INVALID if any(item is _INVALID for item in items) else items
     if origin is Literal:
-        if value not in args:
-            raise RecipeError(f"recipe field '{path}' must be one of {list(args)}, got {value!r}")
-        return value
+        return value if value in args else _invalid(path, f"one of {list(args)}", value)
     if hint is bool:
-        if not isinstance(value, bool):
-            raise RecipeError(f"recipe field '{path}' must be true or false, got {value!r}")
-        return value
+        return value if isinstance(value, bool) else _invalid(path, "true or false", value)
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise RecipeError(f"recipe field '{path}' must be an integer, got {value!r}")
+            return _invalid(path, "an integer", value)
+        if abs(value) > _MAX_INT:
+            return _invalid(path, f"an integer of at most {_MAX_INT:.0e} in size", value)
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise RecipeError(f"recipe field '{path}' must be a number, got {value!r}")
+            return _invalid(path, "a number", value)
+        if isinstance(value, int) and abs(value) > _MAX_INT or not math.isfinite(value):
+            return _invalid(path, "a finite number", value)
         return float(value)
     if hint is str:
-        if not isinstance(value, str):
-            raise RecipeError(f"recipe field '{path}' must be a string, got {value!r}")
-        return value
+        return value if isinstance(value, str) else _invalid(path, "a string", value)
     return value
 
 
+_MAX_INT = 10**15  # no count or size in a recipe comes near it; beyond, a typo or an attack
+
+
+def _invalid(path: str, requirement: str, value: Any) -> object:
+    _report(f"recipe field '{path}' must be {requirement}, got {_short(value)}")
+    return _INVALID
+
+
+def recipe_problems(data: Any) -> list[str]:
+    """Every problem of a recipe mapping, one line each with its dotted field path (empty: valid).
+
+    >>> for line in recipe_problems({"trian": {}, "train": {"lr": -1, "max_steps": "x"}}):
+    ...     print(line)  # doctest: +ELLIPSIS
+    recipe has unknown field 'trian' (known: data, distill, dpo, evaluate, ...)
+    recipe field 'train.max_steps' must be an integer, got 'x'
+    recipe field 'train.lr' must be > 0, got -1.0
+    """
+    problems: list[str] = []
+    token = _PROBLEMS.set(problems)
+    try:
+        _build(Recipe, {} if data is None else data, "")
+    finally:
+        _PROBLEMS.reset(token)
+    return list(dict.fromkeys(problems))
+
+
+def missing_local_sources(data: Any) -> list[str]:
+    """The problems of ``data.sources`` entries that name a local path that does not exist, read
+    from the raw recipe mapping (so they are reported next to every other problem).
+
+    >>> missing_local_sources({"data": {"sources": [{"uri": "builtin:catalog"}, {"uri": "/no/such.jsonl"}]}})
+    ["recipe field 'data.sources[1].uri' names no file or folder: '/no/such.jsonl' (a relative path is read from ...)"]
+    """
+    section = data.get("data") if isinstance(data, dict) else None
+    sources = section.get("sources") if isinstance(section, dict) else None
+    if not isinstance(sources, list):
+        return []
+    return [problem for i, source in enumerate(sources)
+            if isinstance(source, dict) and isinstance(source.get("uri"), str) and source["uri"].strip()
+            and (problem := SourceConfig(uri=source["uri"]).missing_local_path(f"data.sources[{i}]"))]
+
+
 def recipe_from_dict(data: dict | None) -> Recipe:
-    """Parse a (possibly partial) recipe mapping; missing fields take their defaults."""
+    """Parse a (possibly partial) recipe mapping; missing fields take their defaults.
+
+    Raises:
+        RecipeError: with every problem of the recipe, one per line (``RecipeError.problems``).
+    """
+    problems = recipe_problems(data)
+    if problems:
+        raise RecipeError(problems)
     return _build(Recipe, data or {}, "")
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` for recipes: YAML 1.2 floats (``1e-3`` is a number, as users write
+    it, not the string YAML 1.1 makes of it), duplicate keys refused, and bounded aliases and
+    nesting, so that a small hostile file ("billion laughs") cannot expand into a huge value."""
+
+    max_aliases = 64
+    max_depth = 32
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._num_aliases = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self._num_aliases += 1
+            if self._num_aliases > self.max_aliases:
+                raise RecipeError(f"recipe uses more than {self.max_aliases} YAML aliases (*name); "
+                                  f"write the values out (line {self.peek_event().start_mark.line + 1})")
+        depth = getattr(self, "_depth", 0)
+        if depth >= self.max_depth:
+            raise RecipeError(f"recipe nests deeper than {self.max_depth} levels "
+                              f"(line {self.peek_event().start_mark.line + 1})")
+        self._depth = depth + 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth = depth
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise RecipeError(f"recipe has the key {_short(key)} twice in one mapping (lines "
+                                  f"{seen[key] + 1} and {key_node.start_mark.line + 1}); keep one")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+
+                  |\.[0-9_]+(?:[eE][-+][0-9]+)?|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def parse_recipe_yaml(text: str) -> Any:
+    r"""The mapping of a YAML recipe, parsed safely (see :class:`_RecipeLoader`).
+
+    >>> parse_recipe_yaml("train:\n  lr: 1e-3\n")
+    {'train': {'lr': 0.001}}
+    >>> parse_recipe_yaml("a: 1\na: 2\n")
+    Traceback (most recent call last):
+    steps.config.RecipeError: recipe has the key 'a' twice in one mapping (lines 1 and 2); keep one
+    """
+    try:
+        return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506  (a SafeLoader subclass)
+    except yaml.YAMLError as err:
+        raise RecipeError(f"recipe is not valid YAML: {str(err)[:300]}") from None
 
 
 def load_recipe(path: str | Path) -> Recipe:
     """Load a YAML recipe file."""
-    with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f)
-    return recipe_from_dict(data)
+    return recipe_from_dict(parse_recipe_yaml(Path(path).read_text(encoding="utf-8")))
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:

@@ -367,15 +367,14 @@ def resolve_teacher(recipe, dest: str | Path) -> tuple[str, dict]:
     Raises:
         NoTeacher: the registry has no such model, version or alias (say, no SFT run yet).
     """
-    from steps.models import resolve_model_ref
-    from steps.registry import NotFoundError
+    from steps.models import ModelNotFound, resolve_model_ref
 
     spec = recipe.distill.teacher
     try:
-        path, version = resolve_model_ref(spec, recipe, dest)
-    except NotFoundError as error:
+        path, version = resolve_model_ref(spec, recipe, dest, field="distill.teacher")
+    except ModelNotFound as error:
         raise NoTeacher(
-            f"distill.teacher={spec!r}: {error}. Distillation needs a teacher: register an SFT model "
+            f"{error}. Distillation needs a teacher: register an SFT model "
             f"first (`python flows/sft_flow.py run` registers catalog-assistant), or set distill.teacher "
             f"to another registry:NAME, a model folder or a builtin: model") from None
     return path, {"spec": spec, **version} if version else {"spec": spec, "path": path}

@@ -8,11 +8,13 @@ DPO reuses every SFT step; what is its own lives here:
   validated by ``steps.ingest.normalize_record`` (prompt + response), rejected with reasons,
   deduped by a hash of the pair as SFT conversations are, and split by a hash of the prompt
   (:func:`prompt_key`), so all pairs of one prompt are on one side.
-- **Tokens** (:func:`tokenize_pairs`): ``prompt + chosen`` and ``prompt + rejected`` are each
-  rendered by ``steps.chat.tokenize_conversation`` (only the response is trained), and a pair's
-  two sequences are packed into the same row, one after the other, so a micro-batch always
-  holds whole pairs. Each sequence restarts ``position_ids`` (attention never crosses
-  sequences), and ``sequence_ids`` says which sequence of which pair a token belongs to::
+- **Tokens** (:data:`PAIR_TOKENS`, a record format of the shared dataset writer
+  ``steps.chat.writer``): ``prompt + chosen`` and ``prompt + rejected`` are rendered and
+  labelled in batches as SFT conversations are (only the response is trained, as
+  ``steps.chat.tokenize_conversation`` labels it), and a pair's two sequences are packed into
+  the same row, one after the other, so a micro-batch always holds whole pairs. Each sequence
+  restarts ``position_ids`` (attention never crosses sequences), and ``sequence_ids`` says
+  which sequence of which pair a token belongs to::
 
       row           [ p p c c | p p r r r | p c | p r r ]      (p prompt, c chosen, r rejected)
       position_ids  [ 0 1 2 3 | 0 1 2 3 4 | 0 1 | 0 1 2 ]
@@ -37,10 +39,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -50,10 +51,10 @@ import torch
 import torch.nn.functional as F
 
 from steps import ingest
+from steps.chat.writer import ComputedColumn, TokenFormat, pack_records, split_rows, write_splits
 from steps.config import DPOConfig, Recipe, warn_ignored
-from steps.contracts import baseline_row
 from steps.losses import IGNORE_INDEX, mask_padded_logits, shifted_targets
-from steps.packing import collate_rows, pack_documents, pack_row
+from steps.packing import collate_rows, pack_documents
 
 PAIR_SCHEMA = pa.schema([
     ("id", pa.string()),
@@ -64,13 +65,16 @@ PAIR_SCHEMA = pa.schema([
     ("source", pa.string()),
 ])
 
-PAIR_TOKEN_SCHEMA = pa.schema([
+PAIR_ROW_SCHEMA = pa.schema([
     ("input_ids", pa.list_(pa.int32())),
     ("labels", pa.list_(pa.int32())),
     ("position_ids", pa.list_(pa.int32())),
     ("sequence_ids", pa.list_(pa.int32())),
-    ("ref_logps", pa.list_(pa.float32())),
 ])
+"""What the dataset writer lays out for pairs (:data:`PAIR_TOKENS`)."""
+REF_LOGPS_FIELD = pa.field("ref_logps", pa.list_(pa.float32()))
+PAIR_TOKEN_SCHEMA = PAIR_ROW_SCHEMA.append(REF_LOGPS_FIELD)
+"""The DPO token shards: the pair rows plus the reference model's log-probs."""
 
 PAD_SEQUENCE = -1
 """``sequence_ids`` of padding tokens."""
@@ -162,7 +166,8 @@ def pack_pairs(pairs: Sequence[tuple[tuple[Sequence[int], Sequence[int]], tuple[
 
     A pair is one unit of ``len(chosen) + len(rejected)`` tokens for the best-fit-decreasing
     packer (``steps.packing.pack_documents``), so its two sequences share a row; within a row,
-    pair ``k`` has ``sequence_ids`` ``2k`` (chosen) and ``2k + 1`` (rejected)::
+    pair ``k`` has ``sequence_ids`` ``2k`` (chosen) and ``2k + 1`` (rejected). The layout is the
+    dataset writer's (``steps.chat.writer.pack_records``), for sequences tokenized elsewhere::
 
         >>> rows = pack_pairs([(([1, 2], [-100, 2]), ([1, 3, 4], [-100, 3, 4]))], row_tokens=8)
         >>> {name: values.tolist() for name, values in rows[0].items()}  # doctest: +NORMALIZE_WHITESPACE
@@ -170,14 +175,11 @@ def pack_pairs(pairs: Sequence[tuple[tuple[Sequence[int], Sequence[int]], tuple[
          'sequence_ids': [0, 0, 1, 1, 1]}
     """
     bins = pack_documents([len(chosen[0]) + len(rejected[0]) for chosen, rejected in pairs], row_tokens)
-    rows = []
-    for indices in bins:
-        row = pack_row([sequence for index in indices for sequence in pairs[index]])
-        row["sequence_ids"] = np.concatenate([np.full(len(sequence[0]), 2 * k + side, dtype=np.int32)
-                                              for k, index in enumerate(indices)
-                                              for side, sequence in enumerate(pairs[index])])
-        rows.append(row)
-    return rows
+    sequences = [sequence for pair in pairs for sequence in pair]
+    flat, row_lengths = pack_records(bins, {"input_ids": [input_ids for input_ids, _ in sequences],
+                                            "labels": [labels for _, labels in sequences]},
+                                     num_sequences=2, sequence_ids=True)
+    return split_rows(flat, row_lengths)
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
@@ -256,14 +258,6 @@ def add_reference_logps(model, rows: list[dict], *, row_tokens: int, pad_id: int
                 row["ref_logps"] = values[:len(row["input_ids"])].astype(np.float32)
 
 
-def _write_pair_shard(path: Path, rows: list[dict]) -> None:
-    columns = {name: pa.array([np.asarray(row[name]) for row in rows], type=PAIR_TOKEN_SCHEMA.field(name).type)
-               for name in PAIR_TOKEN_SCHEMA.names}
-    staging = path.with_name(f".{path.name}.writing-{os.getpid()}")
-    pq.write_table(pa.table(columns, schema=PAIR_TOKEN_SCHEMA), staging)
-    os.replace(staging, path)  # a reader never sees half a shard
-
-
 def read_pairs(data_uris: Sequence[str]) -> Iterator[dict]:
     """Pair records ``{id, prompt, chosen, rejected, meta (JSON text), source}`` of data shards, in order."""
     for uri in data_uris:
@@ -271,99 +265,37 @@ def read_pairs(data_uris: Sequence[str]) -> Iterator[dict]:
             yield from batch.to_pylist()
 
 
-def tokenize_pairs(tokenizer, data_uris: Sequence[str], *, max_seq_tokens: int,
-                   max_reject_fraction: float = 0.0) -> tuple[dict, list[dict]]:
-    """Tokenize the pairs of data shards and pack them, a pair's two sequences in one row.
-
-    Each of ``prompt + chosen`` and ``prompt + rejected`` goes through
-    ``steps.chat.tokenize_conversation`` (the chat template; labels only on the response and
-    its end-of-turn token). A pair is dropped when both together exceed ``max_seq_tokens`` (a
-    row), when a response has no trained token, or when the template refuses a sequence
-    (counted by reason, up to ``max_reject_fraction`` of the pairs; a template that cannot be
-    masked at all fails as in SFT). The rows are returned (without ``ref_logps``) for
-    :func:`add_reference_logps` and :func:`write_pair_rows`.
-
-    Returns ``(stats, rows)``; ``stats`` has ``num_pairs`` (read), ``num_packed_pairs``,
-    ``num_dropped_too_long``, ``num_no_trained_tokens``, ``num_template_rejects``,
-    ``template_reject_reasons``, ``num_rows``, ``num_tokens``, ``num_trained_tokens``,
-    ``packing_efficiency`` and ``max_seq_tokens``.
-    """
-    from steps.chat import ChatTemplateError, ConversationTooLong, NoTrainedTokens, tokenize_conversation
-
-    pairs = []
-    counts = Counter(num_pairs=0, num_dropped_too_long=0, num_no_trained_tokens=0)
-    template_rejects: Counter[str] = Counter()
-    first_reject = ""
-    for record in read_pairs(data_uris):
-        counts["num_pairs"] += 1
-        try:
-            sequences = tuple(tokenize_conversation(tokenizer, record["prompt"] + record[key], max_seq_tokens)
-                              for key in ("chosen", "rejected"))
-        except ConversationTooLong:
-            counts["num_dropped_too_long"] += 1
-            continue
-        except NoTrainedTokens:
-            counts["num_no_trained_tokens"] += 1
-            continue
-        except ChatTemplateError as error:
-            if error.reason not in ChatTemplateError.RECORD_REASONS:
-                raise ChatTemplateError(f"pair {record['id']}: {error}", error.reason) from error
-            template_rejects[error.reason] += 1
-            first_reject = first_reject or f"pair {record['id']}: {error}"
-            continue
-        if sum(len(s.input_ids) for s in sequences) > max_seq_tokens:
-            counts["num_dropped_too_long"] += 1
-            continue
-        pairs.append(tuple((s.input_ids, s.labels) for s in sequences))
-    num_template_rejects = sum(template_rejects.values())
-    if num_template_rejects > max_reject_fraction * counts["num_pairs"]:
-        raise ChatTemplateError(
-            f"the chat template rejected {num_template_rejects} of {counts['num_pairs']} pairs "
-            f"({dict(template_rejects)}), more than max_reject_fraction={max_reject_fraction}; the first: "
-            f"{first_reject}", template_rejects.most_common(1)[0][0])
-    rows = pack_pairs(pairs, max_seq_tokens)
-    num_tokens = sum(len(row["input_ids"]) for row in rows)
-    stats = {
-        **counts,
-        "num_template_rejects": num_template_rejects,
-        "template_reject_reasons": dict(sorted(template_rejects.items())),
-        "num_packed_pairs": len(pairs),
-        "num_rows": len(rows),
-        "num_tokens": num_tokens,
-        "num_trained_tokens": int(sum((row["labels"] != IGNORE_INDEX).sum() for row in rows)),
-        "packing_efficiency": num_tokens / (len(rows) * max_seq_tokens) if rows else 0.0,
-        "max_seq_tokens": max_seq_tokens,
-    }
-    return stats, rows
+def _pair_sequences(pair: Mapping) -> list[list[Mapping]]:
+    return [pair["prompt"] + pair["chosen"], pair["prompt"] + pair["rejected"]]
 
 
-def write_pair_rows(rows: list[dict], out_dir: Path, rows_per_shard: int = 20000) -> list[str]:
-    """Write rows (with ``ref_logps``) to ``out_dir/part-NNNNN.parquet``; return the shard paths."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob("part-*.parquet"):  # a retried step must not leave an earlier attempt's shards
-        stale.unlink()
-    uris = []
-    for index, start in enumerate(range(0, max(len(rows), 1), rows_per_shard)):
-        path = out_dir / f"part-{index:05d}.parquet"
-        _write_pair_shard(path, rows[start:start + rows_per_shard])
-        uris.append(str(path))
-    return uris
+PAIR_TOKENS = TokenFormat(noun="pairs", columns=("prompt", "chosen", "rejected"), sequences=_pair_sequences,
+                          num_sequences=2, schema=PAIR_ROW_SCHEMA)
+"""Pairs for the shared dataset writer (``steps.chat.write_token_dataset(..., PAIR_TOKENS, ...)``).
+
+A pair is a record of two sequences, ``prompt + chosen`` and ``prompt + rejected``, rendered and
+labelled in the same batches as SFT conversations (only the response and its end-of-turn token
+are trained). A pair is dropped when both together exceed ``max_seq_tokens`` (a row), when a
+response has no trained token, or when the template refuses a sequence (counted by reason, as in
+SFT); the rows are :func:`pack_pairs`' (the module docstring's picture), without ``ref_logps``.
+"""
 
 
 def tokenize_splits(recipe: Recipe, policy_path: str | Path, reference_path: str | Path, dataset_manifest: dict,
                     run_root: str) -> dict:
     """The DPO tokenize step: packed pair rows with reference log-probs under ``<run_root>/tokens/<split>/``.
 
-    The reference model (``reference_path``; the starting policy unless ``dpo.reference`` names
-    another) scores every row once, here, on the GPU if there is one. Returns
-    ``{"train": stats, "eval": stats, "packing_efficiency": train's, "example": str,
-    "reference_seconds": float}``; each ``stats`` is :func:`tokenize_pairs`' plus ``uris``, and
-    ``example`` shows the first training pair with its trained tokens in ``[[ ]]``.
+    The pairs go through the shared dataset writer (``steps.chat.write_splits`` with
+    :data:`PAIR_TOKENS`, the recipe's ``tokenize`` settings; a pair is never truncated). The
+    reference model (``reference_path``; the starting policy unless ``dpo.reference`` names
+    another) scores every row once, shard by shard before it is written, on the GPU if there is
+    one (:func:`add_reference_logps`). Returns ``{"train": stats, "eval": stats,
+    "packing_efficiency": train's, "example": str, "reference_seconds": float}``; each ``stats``
+    is ``steps.chat.write_token_dataset``'s (``num_pairs``, ``num_packed_pairs``,
+    ``num_dropped_too_long``, ...), and ``example`` shows the first training pair with its trained
+    tokens in ``[[ ]]``.
     """
-    from steps.chat import example_masked_text
     from steps.models import load_model, load_tokenizer
-    from steps.storage import subdir
 
     tokenizer = load_tokenizer(policy_path, recipe.model.trust_remote_code)
     reference_tokenizer = load_tokenizer(reference_path, recipe.model.trust_remote_code)
@@ -374,26 +306,21 @@ def tokenize_splits(recipe: Recipe, policy_path: str | Path, reference_path: str
     reference = load_model(reference_path, recipe.model.trust_remote_code, recipe.model.attn_implementation,
                            device_type=device.type).to(device).eval()
     row_tokens = recipe.tokenize.max_seq_tokens
-    stats: dict = {"reference_seconds": 0.0}
-    for split, info in dataset_manifest["splits"].items():
-        split_stats, rows = tokenize_pairs(tokenizer, info["uris"], max_seq_tokens=row_tokens,
-                                           max_reject_fraction=recipe.tokenize.max_reject_fraction)
-        if not rows:
-            raise ValueError(f"no {split} pair survived tokenization: {split_stats['num_dropped_too_long']} longer "
-                             f"than tokenize.max_seq_tokens={row_tokens} (a pair's two sequences share a row), "
-                             f"{split_stats['num_no_trained_tokens']} without a trained token")
+    reference_seconds = 0.0
+
+    def reference_logps(rows: list[dict]) -> list[np.ndarray]:
+        nonlocal reference_seconds
         start = time.perf_counter()
         add_reference_logps(reference, rows, row_tokens=row_tokens, pad_id=tokenizer.pad_token_id,
                             batch_rows=max(1, recipe.train.micro_batch_tokens // row_tokens))
-        stats["reference_seconds"] += time.perf_counter() - start
-        stats[split] = {**split_stats, "uris": write_pair_rows(rows, subdir(run_root, "tokens", split))}
-        print(f"tokenize {split}: {split_stats['num_packed_pairs']} pairs -> {split_stats['num_rows']} rows, "
-              f"packing efficiency {split_stats['packing_efficiency']:.3f}")
-    first = pq.read_table(stats["train"]["uris"][0]).slice(0, 1).to_pylist()[0]
-    pair_end = next((i for i, s in enumerate(first["sequence_ids"]) if s > 1), len(first["input_ids"]))
-    stats["example"] = example_masked_text(tokenizer, first["input_ids"][:pair_end], first["labels"][:pair_end])
-    stats["packing_efficiency"] = stats["train"]["packing_efficiency"]
-    return stats
+        reference_seconds += time.perf_counter() - start
+        return [row["ref_logps"] for row in rows]
+
+    # Every split needs rows: the held-out pairs are scored by preference_metrics.
+    stats = write_splits(recipe, tokenizer, dataset_manifest, run_root, PAIR_TOKENS, truncation="drop",
+                         computed=[ComputedColumn(REF_LOGPS_FIELD, reference_logps)],
+                         required_splits=tuple(dataset_manifest["splits"]))
+    return {**stats, "reference_seconds": reference_seconds}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -625,48 +552,22 @@ def heldout_metrics(recipe: Recipe):
 # The starting policy
 # ---------------------------------------------------------------------------------------------
 
-def resolve_model(spec: str, recipe: Recipe, dest: str | Path, *, fall_back_to_base: bool = False
-                  ) -> tuple[str, dict | None]:
-    """``dpo.policy`` / ``dpo.reference`` -> ``(local folder, registry version or None)``.
-
-    As :func:`steps.models.resolve_model_ref`; with ``fall_back_to_base``, a ``registry:NAME``
-    (no ``@``) that has no version yet gives ``model.base`` instead of failing.
-    """
-    from steps.models import REGISTRY_PREFIX, resolve_base_model, resolve_model_ref
-    from steps.registry import NotFoundError
-
-    try:
-        return resolve_model_ref(spec, recipe, dest)
-    except NotFoundError:
-        if not fall_back_to_base or "@" in spec[len(REGISTRY_PREFIX):]:
-            raise
-    print(f"{spec}: no version in {recipe.registry_root}; starting from model.base {recipe.model.base}")
-    return str(resolve_base_model(recipe.model.base, recipe.storage_root)), None
-
-
 def starting_models(recipe: Recipe, run_root: str) -> dict:
     """The policy to train and the reference to compare with, for the flow's ``start`` step.
 
     Returns ``{"policy_path", "reference_path", "parent"}`` where ``parent`` is the registry
     version the policy came from (None for ``model.base``).
     """
-    policy_path, parent = resolve_model(recipe.dpo.policy, recipe, Path(run_root) / "policy", fall_back_to_base=True)
+    from steps.models import resolve_model_ref
+
+    policy_path, parent = resolve_model_ref(recipe.dpo.policy, recipe, Path(run_root) / "policy", field="dpo.policy",
+                                            fall_back_to_base=True)
     reference_path = policy_path
     if recipe.dpo.reference is not None:
-        reference_path, _ = resolve_model(recipe.dpo.reference, recipe, Path(run_root) / "reference")
+        reference_path, _ = resolve_model_ref(recipe.dpo.reference, recipe, Path(run_root) / "reference",
+                                              field="dpo.reference")
     return {"policy_path": policy_path, "reference_path": reference_path, "parent": parent}
 
 
 PREFERENCE_METRICS = ("reward_accuracy", "reward_margin", "dpo_loss", "chosen_logps", "rejected_logps")
-
-
-def summary(recipe: Recipe, name: str, version: int, uri: str, eval_metrics: list[dict], best: dict,
-            promotion: dict) -> str:
-    """``steps.publish.summary`` plus the held-out preference metrics of the starting policy and the model."""
-    from steps import publish
-
-    baseline = baseline_row(eval_metrics) or {}
-    lines = [f"{'held-out pairs':<26}{'start':>10}{'model':>10}"]
-    lines += [f"{k:<26}{baseline.get(k, float('nan')):>10.4f}{best[k]:>10.4f}" for k in PREFERENCE_METRICS
-              if k in best]
-    return publish.summary(recipe, name, version, uri, eval_metrics, best, promotion) + "\n" + "\n".join(lines)
+"""DPO's held-out metrics (on the held-out pairs), shown after the task metrics in cards and summaries."""

@@ -8,7 +8,6 @@ import subprocess
 from pathlib import Path
 
 from steps.config import Recipe, recipe_to_dict
-from steps.models import resolve_base_model as _resolve
 
 PACKAGES = ("torch", "transformers", "tokenizers", "metaflow", "datasets", "peft", "deepspeed",
             "pyarrow", "safetensors")
@@ -48,7 +47,3 @@ def collect(recipe: Recipe, pathspec: str, code_dir: Path) -> dict:
         "packages": package_versions(),
         "python": platform.python_version(),
     }
-
-
-def resolve_base_model(recipe: Recipe) -> Path | str:
-    return _resolve(recipe.model.base, recipe.storage_root)

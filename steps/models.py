@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from steps.registry import NotFoundError
+
 BUILTIN_PREFIX = "builtin:"
 REGISTRY_PREFIX = "registry:"
 
@@ -22,17 +24,31 @@ def resolve_base_model(base: str, storage_root: str | Path) -> Path | str:
     return path if path.exists() else base
 
 
-def resolve_model_ref(spec: str, recipe, dest: str | Path) -> tuple[str, dict | None]:
-    """A model reference of a recipe (``dpo.policy``, ``distill.teacher``, ...) -> ``(folder, version)``.
+class ModelNotFound(NotFoundError):
+    """A recipe's ``registry:`` model reference that the registry cannot serve; the message names
+    the recipe field, the reference, the registry and what it holds."""
 
-    ``registry:NAME[@VERSION_OR_ALIAS]`` (``@3``, ``@champion``; the latest version without
-    ``@``) is downloaded from the recipe's registry into ``dest``, checksums verified, and
-    ``version`` is ``{"name", "version", "run", "uri", "metrics"}``: the lineage parent of the
-    model a flow trains from it. Anything else resolves as ``model.base`` does (a folder,
-    ``builtin:``, a Hub id) and ``version`` is None.
+
+def resolve_model_ref(spec: str, recipe, dest: str | Path, *, field: str = "model",
+                      fall_back_to_base: bool = False) -> tuple[str, dict | None]:
+    """Which model a flow starts from: the one resolver of every recipe model reference
+    (``model.base``, ``dpo.policy``, ``dpo.reference``, ``distill.teacher``, the retrain's
+    champion) -> ``(local folder, registry version or None)``.
+
+    - ``registry:NAME[@VERSION_OR_ALIAS]`` (``@3``, ``@champion``; the latest version without
+      ``@``) is downloaded from the recipe's registry into ``dest``, checksums verified, and the
+      version is ``{"name", "version", "run", "uri", "metrics"}``: the lineage parent of the
+      model a flow trains from it.
+    - Anything else resolves as ``model.base`` does (``builtin:`` built offline, a folder, a Hub
+      id), and the version is None.
+
+    With ``fall_back_to_base``, a reference to a model that has no version at all yet (the first
+    run of a pipeline: no SFT model registered before DPO, no champion before the first retrain)
+    gives ``model.base`` instead, with a printed note. A pinned version number never falls back.
 
     Raises:
-        steps.registry.NotFoundError: the registry has no such model, version or alias.
+        ModelNotFound: the registry has no such model, version or alias, e.g.
+            ``dpo.policy='registry:sft@3': no version 3 of model 'sft' ...``.
     """
     from steps.registry import Registry
 
@@ -40,10 +56,24 @@ def resolve_model_ref(spec: str, recipe, dest: str | Path) -> tuple[str, dict | 
         return str(resolve_base_model(spec, recipe.storage_root)), None
     name, _, version = spec[len(REGISTRY_PREFIX):].partition("@")
     registry = Registry(recipe.registry_root)
-    found = registry.get(name, version or "latest")
+    try:
+        found = registry.get(name, version or "latest")
+    except NotFoundError as error:
+        if fall_back_to_base and not version.isdigit() and not _has_versions(registry, name):
+            print(f"{field}={spec!r}: no version of {name!r} in {recipe.registry_root} yet; "
+                  f"starting from model.base {recipe.model.base}")
+            return str(resolve_base_model(recipe.model.base, recipe.storage_root)), None
+        raise ModelNotFound(f"{field}={spec!r}: {error}") from None
     path = registry.download(name, found.version, dest)
     return str(path), {"name": name, "version": found.version, "run": found.manifest.get("run"),
                        "uri": found.uri, "metrics": dict(found.manifest.get("metrics") or {})}
+
+
+def _has_versions(registry, name: str) -> bool:
+    try:
+        return bool(registry.list(name))
+    except NotFoundError:
+        return False
 
 
 def save_model(model, folder: str | Path, state_dict: dict | None = None) -> None:

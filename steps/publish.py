@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from steps import checkpoint, storage
@@ -53,10 +54,14 @@ def promote(recipe: Recipe, version: ModelVersion, pathspec: str) -> dict:
 
 
 def summary(recipe: Recipe, name: str, version: int, uri: str, eval_metrics: list[dict], best: dict,
-            promotion: dict) -> str:
-    """A few lines for the end of a run: where the model is, how it compares, how to load it."""
+            promotion: dict, extra_metrics: Sequence[str] = ()) -> str:
+    """A few lines for the end of a run: where the model is, how it compares, how to load it.
+
+    The metrics are those of ``steps.contracts.METRICS`` the best row has, then the method's own
+    ``extra_metrics`` (DPO's held-out preference metrics).
+    """
     baseline = baseline_row(eval_metrics) or {}
-    keys = reported(best)
+    keys = reported(best) + [k for k in extra_metrics if k in best]
     lines = [f"Registered {name} v{version} ({best['checkpoint']}) at {uri}",
              f"{'metric':<26}{'base':>10}{'model':>10}"]
     lines += [f"{k:<26}{baseline.get(k, float('nan')):>10.4f}{best[k]:>10.4f}" for k in keys]

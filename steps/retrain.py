@@ -141,22 +141,21 @@ def with_sources(recipe: Recipe, uris: list[str]) -> Recipe:
 
 
 def warm_start(recipe: Recipe, dest: str | Path) -> tuple[str, dict | None]:
-    """The model to start from: the champion (downloaded to ``dest``) or the recipe's base model.
+    """The model to start from: the champion (downloaded to ``dest``), or the recipe's base model
+    while ``register.model_name`` has no version at all (the first retrain).
 
     Returns ``(model_path, champion)`` where ``champion`` is ``{"version", "run", "metrics"}``
-    from the registry manifest, or None when there is no champion yet.
+    from the registry manifest, or None when there is no version yet. Versions without the
+    ``promote.alias`` alias are an error (``steps.models.ModelNotFound``), not a silent start from
+    scratch: point the alias at one (``python -m steps.registry promote``).
     """
-    from steps.lineage import resolve_base_model
-    from steps.registry import NotFoundError, Registry
+    from steps.models import REGISTRY_PREFIX, resolve_model_ref
 
-    registry = Registry(recipe.registry_root)
-    try:
-        champion = registry.get(recipe.register.model_name, recipe.promote.alias)
-    except NotFoundError:
-        return str(resolve_base_model(recipe)), None
-    path = registry.download(recipe.register.model_name, champion.version, dest)
-    return str(path), {"version": champion.version, "run": champion.manifest.get("run"),
-                       "metrics": dict(champion.manifest.get("metrics") or {})}
+    ref = f"{REGISTRY_PREFIX}{recipe.register.model_name}@{recipe.promote.alias}"
+    path, champion = resolve_model_ref(ref, recipe, dest, field="the retrain's champion", fall_back_to_base=True)
+    if champion is None:
+        return path, None
+    return path, {"version": champion["version"], "run": champion["run"], "metrics": champion["metrics"]}
 
 
 def keep_eval_split(dataset_manifest: dict, eval_split: dict | None) -> dict:

@@ -51,16 +51,41 @@ def s3_endpoint_url() -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=8)
-def _client(endpoint_url: str | None):
-    import boto3
+S3_TIMEOUTS = {"POSTTRAIN_S3_CONNECT_TIMEOUT_S": 10.0, "POSTTRAIN_S3_READ_TIMEOUT_S": 60.0,
+               "POSTTRAIN_S3_MAX_ATTEMPTS": 3}
+"""Bounds on every S3 call, each overridable by its environment variable: botocore's defaults
+(60 s per connection attempt, retried) would keep a step waiting minutes on a dead endpoint. A
+failed call's error names the endpoint (botocore: ``Could not connect to the endpoint URL: ...``)."""
 
-    return boto3.client("s3", endpoint_url=endpoint_url)
+
+def _s3_limits() -> tuple[float, float, int]:
+    values = []
+    for name, default in S3_TIMEOUTS.items():
+        raw = os.environ.get(name)
+        try:
+            value = type(default)(raw) if raw else default
+        except ValueError:
+            raise ValueError(f"${name} must be a number, got {raw!r}") from None
+        if value <= 0:
+            raise ValueError(f"${name} must be > 0, got {raw!r}")
+        values.append(value)
+    return values[0], values[1], int(values[2])
+
+
+@functools.lru_cache(maxsize=8)
+def _client(endpoint_url: str | None, limits: tuple[float, float, int]):
+    import boto3
+    from botocore.config import Config
+
+    connect_s, read_s, attempts = limits
+    return boto3.client("s3", endpoint_url=endpoint_url, config=Config(
+        connect_timeout=connect_s, read_timeout=read_s, retries={"total_max_attempts": attempts, "mode": "standard"}))
 
 
 def s3_client():
-    """A boto3 S3 client for the configured endpoint (cached per endpoint)."""
-    return _client(s3_endpoint_url())
+    """A boto3 S3 client for the configured endpoint, with bounded timeouts and retries
+    (:data:`S3_TIMEOUTS`); cached per endpoint and limits."""
+    return _client(s3_endpoint_url(), _s3_limits())
 
 
 def require_local(uri: str | Path, what: str) -> Path:
@@ -155,11 +180,13 @@ def exists(uri: str | Path) -> bool:
 def list_files(prefix: str | Path) -> list[str]:
     """Every file under a folder / S3 prefix (recursive), sorted."""
     if is_s3(prefix):
+        # ``s3://b/x`` is the object ``x`` itself (a single file) or everything under ``x/``.
         bucket, key = split_s3(str(prefix))
-        key = key.rstrip("/") + "/" if key else ""
+        key = key.rstrip("/")
         out = []
         for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
-            out += [f"s3://{bucket}/{obj['Key']}" for obj in page.get("Contents", [])]
+            out += [f"s3://{bucket}/{obj['Key']}" for obj in page.get("Contents", [])
+                    if not key or obj["Key"] == key or obj["Key"].startswith(key + "/")]
         return sorted(out)
     root = Path(prefix)
     if root.is_file():

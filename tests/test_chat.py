@@ -603,17 +603,17 @@ def test_tokenize_dataset_fails_on_a_template_that_rewrites_earlier_turns(tmp_pa
 # One render per conversation for templates with generation markers
 
 def test_marker_shortcut_gives_the_rows_of_the_content_search(builtin_tokenizer, tmp_path, monkeypatch):
-    import steps.chat
+    from steps.chat import renderer
 
     shard = _write_data_shard(tmp_path / "a.parquet", CONVERSATIONS * 4)
     searched = []
-    original = steps.chat._render_conversation
-    monkeypatch.setattr(steps.chat, "_render_conversation",
+    original = renderer._render_conversation
+    monkeypatch.setattr(renderer, "_render_conversation",
                         lambda *args, **kwargs: searched.append(1) or original(*args, **kwargs))
-    monkeypatch.setattr(steps.chat._MarkerShortcut, "NUM_CHECKED", 5)
+    monkeypatch.setattr(renderer._MarkerShortcut, "NUM_CHECKED", 5)
     fast = tokenize_dataset(builtin_tokenizer, [shard], tmp_path / "fast", max_seq_tokens=256, truncation="drop")
     assert len(searched) == 5  # the first 5 conversations are checked, the other 7 rendered once
-    monkeypatch.setattr(steps.chat._MarkerShortcut, "NUM_CHECKED", 10**9)
+    monkeypatch.setattr(renderer._MarkerShortcut, "NUM_CHECKED", 10**9)
     slow = tokenize_dataset(builtin_tokenizer, [shard], tmp_path / "slow", max_seq_tokens=256, truncation="drop")
     assert len(searched) == 5 + 12
     assert {k: v for k, v in fast.items() if k != "uris"} == {k: v for k, v in slow.items() if k != "uris"}
@@ -621,7 +621,8 @@ def test_marker_shortcut_gives_the_rows_of_the_content_search(builtin_tokenizer,
 
 
 def test_marker_shortcut_turns_itself_off_when_markers_leave_out_the_end_of_turn():
-    from steps.chat import _EndOfTurnCheck, _MarkerShortcut
+    from steps.chat.renderer import _MarkerShortcut
+    from steps.chat.template import _EndOfTurnCheck
 
     # The model would never learn to stop: the content search trains <|im_end|> anyway.
     content_only = CHATML_WITH_MARKERS.replace("message['content'] + '<|im_end|>' -}}{%- endgeneration -%}",
@@ -690,10 +691,10 @@ def test_templates_that_read_the_content_are_told_apart():
 
 @pytest.mark.parametrize("template", PRINT_ONLY)
 def test_skeleton_renders_equal_the_templates_own(template, monkeypatch):
-    import steps.chat
-    from steps.chat import ChatTemplateError, _render, _render_with_markers, _TemplateSkeletons
+    from steps.chat.renderer import _TemplateSkeletons
+    from steps.chat.template import _render, _render_with_markers
 
-    monkeypatch.setattr(steps.chat._TemplateSkeletons, "NUM_VERIFIED", 0)  # only a shape's first render is checked
+    monkeypatch.setattr(_TemplateSkeletons, "NUM_VERIFIED", 0)  # only a shape's first render is checked
     tokenizer = byte_tokenizer(template)
     skeletons = _TemplateSkeletons(tokenizer)
     assert skeletons.enabled
@@ -715,12 +716,12 @@ def test_skeleton_renders_equal_the_templates_own(template, monkeypatch):
 
 
 def test_tokenize_dataset_renders_each_shape_once_and_gives_the_same_rows(tmp_path, monkeypatch):
-    import steps.chat
+    from steps.chat import renderer
 
     renders = []
-    original = steps.chat._render
-    monkeypatch.setattr(steps.chat, "_render", lambda *args, **kwargs: renders.append(1) or original(*args, **kwargs))
-    monkeypatch.setattr(steps.chat._TemplateSkeletons, "NUM_VERIFIED", 0)
+    original = renderer._render
+    monkeypatch.setattr(renderer, "_render", lambda *args, **kwargs: renders.append(1) or original(*args, **kwargs))
+    monkeypatch.setattr(renderer._TemplateSkeletons, "NUM_VERIFIED", 0)
     tokenizer = byte_tokenizer(CHATML)
     once = _write_data_shard(tmp_path / "once.parquet", CONVERSATIONS)
     four_times = _write_data_shard(tmp_path / "four.parquet", CONVERSATIONS * 4)
@@ -731,7 +732,7 @@ def test_tokenize_dataset_renders_each_shape_once_and_gives_the_same_rows(tmp_pa
     # the whole, one earlier turn and two generation prompts); each shape is rendered with placeholders, then
     # checked against Jinja once: the same 20 renders for 12 conversations as for 3.
     assert (num_renders_once, len(renders) - num_renders_once) == (2 * 10, 2 * 10)
-    monkeypatch.setattr(steps.chat, "content_opaque_violation", lambda template: "turned off by the test")
+    monkeypatch.setattr(renderer, "content_opaque_violation", lambda template: "turned off by the test")
     slow = tokenize_dataset(tokenizer, [four_times], tmp_path / "slow", max_seq_tokens=256, truncation="drop")
     assert len(renders) - 2 * num_renders_once == 4 * 10  # without skeletons, every render of every conversation
     assert {k: v for k, v in fast.items() if k != "uris"} == {k: v for k, v in slow.items() if k != "uris"}
@@ -739,11 +740,12 @@ def test_tokenize_dataset_renders_each_shape_once_and_gives_the_same_rows(tmp_pa
 
 
 def test_skeletons_turn_themselves_off_when_the_template_reads_the_content(monkeypatch):
-    import steps.chat
-    from steps.chat import _render, _TemplateSkeletons
+    from steps.chat import renderer
+    from steps.chat.renderer import _TemplateSkeletons
+    from steps.chat.template import _render
 
     # As if the analysis had missed LLAMA3's `| trim`: the check against Jinja's own rendering catches it.
-    monkeypatch.setattr(steps.chat, "content_opaque_violation", lambda template: None)
+    monkeypatch.setattr(renderer, "content_opaque_violation", lambda template: None)
     tokenizer = byte_tokenizer(LLAMA3, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
     skeletons = _TemplateSkeletons(tokenizer)
     assert skeletons.enabled

@@ -78,3 +78,111 @@ def test_storage_root_resolution(monkeypatch, tmp_path):
 def test_on_policy_settings_without_on_policy_rejected_answers_warn():
     with pytest.warns(UserWarning, match=r"'dpo.on_policy_\*' is ignored: they apply to rejected 'on_policy' only"):
         recipe_from_dict({"dpo": {"on_policy_samples": 2}})
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile and clumsy recipes: read safely, every problem at once, short messages
+# ---------------------------------------------------------------------------------------------
+
+from steps.config import missing_local_sources, parse_recipe_yaml, recipe_problems  # noqa: E402
+
+_LAUGHS = "".join(f"{name}: &{name} [{', '.join([f'*{prev}'] * 9) if prev else ', '.join(['lol'] * 9)}]\n"
+                  for prev, name in zip([None, *"abcdefgh"], "abcdefghi"))
+
+
+@pytest.mark.parametrize("text", [
+    _LAUGHS,  # billion laughs: 9 levels of 9 lists
+    "base: &b {x: 1}\n" + "".join(f"k{i}: {{<<: *b}}\n" for i in range(80)),  # merge keys, many aliases
+    "a: " + "[" * 200 + "]" * 200 + "\n",  # deep nesting
+    "a: " + "{b: " * 60 + "1" + "}" * 60 + "\n",
+], ids=["billion-laughs", "many-merge-aliases", "deep-lists", "deep-mappings"])
+def test_alias_bombs_and_deep_nesting_are_refused_at_once_with_a_short_message(text):
+    import time
+
+    started = time.monotonic()
+    with pytest.raises(RecipeError) as error:
+        parse_recipe_yaml(text)
+    assert time.monotonic() - started < 2
+    assert len(str(error.value)) < 200 and ("aliases" in str(error.value) or "nests deeper" in str(error.value))
+
+
+@pytest.mark.parametrize("text, key", [
+    ("seed: 1\nseed: 2\n", "'seed'"),
+    ("train:\n  lr: 1.0\n  max_steps: 3\n  lr: 2.0\n", "'lr'"),
+    ("data:\n  sources:\n    - {uri: a.jsonl, uri: b.jsonl}\n", "'uri'"),
+])
+def test_duplicate_keys_are_an_error_naming_the_key(text, key):
+    with pytest.raises(RecipeError, match=f"recipe has the key {key} twice in one mapping"):
+        parse_recipe_yaml(text)
+
+
+@pytest.mark.parametrize("written, value", [("1e-3", 1e-3), ("3E-4", 3e-4), ("1.5e+2", 150.0), ("-2e-5", -2e-5),
+                                            ("2.", 2.0), (".5", 0.5), ("1_000.5", 1000.5)])
+def test_floats_as_users_write_them_are_numbers(written, value):
+    assert parse_recipe_yaml(f"x: {written}\n") == {"x": value}
+    assert load_recipe_text(f"train:\n  lr: {written.lstrip('-')}\n").train.lr == abs(value)
+
+
+def load_recipe_text(text: str) -> Recipe:
+    return recipe_from_dict(parse_recipe_yaml(text))
+
+
+def test_integers_strings_and_booleans_keep_their_types():
+    assert parse_recipe_yaml("a: 100\nb: 1e3x\nc: true\nd: '1e-3'\n") == {"a": 100, "b": "1e3x", "c": True,
+                                                                        "d": "1e-3"}
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"data": {"sources": [{"uri": "builtin:catalog", "weight": float("inf")}]}},
+     "'data.sources[0].weight' must be a finite number, got inf"),
+    ({"data": {"sources": [{"uri": "builtin:catalog", "weight": float("nan")}]}}, "must be a finite number, got nan"),
+    ({"data": {"sources": [{"uri": "builtin:catalog", "weight": 1e9}]}}, "'data.sources[0].weight' must be in (0, 100"),
+    ({"train": {"lr": 10 ** 400}}, "'train.lr' must be a finite number"),
+    ({"train": {"max_steps": 10 ** 30}}, "'train.max_steps' must be an integer of at most"),
+    ({"data": {"builtin_num_conversations": 10 ** 9}}, "'data.builtin_num_conversations' must be at most"),
+])
+def test_numbers_must_be_finite_and_within_sane_bounds(data, message):
+    with pytest.raises(RecipeError) as error:
+        recipe_from_dict(data)
+    assert message in str(error.value)
+
+
+def test_every_problem_is_reported_at_once_one_line_each_with_its_field():
+    data = {"trian": {}, "train": {"lr": -1, "warmup_steps": "ten"}, "evaluate": {"num_task_prompts": 0},
+            "data": {"sources": [{"uri": "no/such/file.jsonl"}, {"uri": "builtin:catalog", "weight": -2}]}}
+    problems = recipe_problems(data) + missing_local_sources(data)
+    assert len(problems) == 6, problems
+    for field in ("'trian'", "'train.lr'", "'train.warmup_steps'", "'evaluate.num_task_prompts'",
+                  "'data.sources[1].weight'", "'data.sources[0].uri' names no file or folder"):
+        assert sum(field in line for line in problems) == 1, (field, problems)
+    with pytest.raises(RecipeError) as error:
+        recipe_from_dict(data)
+    assert error.value.problems == problems[:5] and str(error.value).count("\n") == 4
+
+
+def test_messages_never_hold_a_huge_value():
+    with pytest.raises(RecipeError) as error:
+        recipe_from_dict({"train": {"lr": "x" * 1_000_000}, "seed": list(range(100_000))})
+    assert all(len(line) < 200 for line in error.value.problems), [len(line) for line in error.value.problems]
+    assert "chars)" in str(error.value)
+
+
+@pytest.mark.slow
+def test_a_bad_recipe_stops_the_flow_before_any_task_with_every_problem_and_no_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("trian: {}\ntrain:\n  lr: -1e-3\ndata:\n  sources: [{uri: data/typo.jsonl}]\n")
+    env = {"METAFLOW_USER": "posttrain-tests", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
+           "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(tmp_path)}
+    for flow in ("sft_flow.py", "dpo_flow.py", "distill_flow.py", "retrain_flow.py"):
+        out = subprocess.run([sys.executable, str(CONFIGS[0].parent.parent / "flows" / flow), "--config", "recipe",
+                              str(recipe), "run"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        text = out.stdout + out.stderr
+        assert out.returncode != 0, text
+        assert "Traceback" not in text and "Workflow starting" not in text, text
+        assert "the recipe has 3 problems:" in text, text
+        for line in ("recipe has unknown field 'trian'", "recipe field 'train.lr' must be > 0, got -0.001",
+                     "recipe field 'data.sources[0].uri' names no file or folder: 'data/typo.jsonl'"):
+            assert line in text, text

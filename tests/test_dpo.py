@@ -1,5 +1,6 @@
 """DPO: pair data and rejects, pair packing, the loss against TRL's DPOTrainer, LoRA, and the flow."""
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -9,10 +10,12 @@ import torch
 import yaml
 
 from steps import dpo, ingest
+from steps.chat import example_masked_text
 from steps.config import recipe_from_dict
 from steps.losses import IGNORE_INDEX
 
 FLOW = Path(__file__).resolve().parent.parent / "flows" / "dpo_flow.py"
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_dpo_tokenize.py"
 
 
 def _recipe(tmp_path, **sections):
@@ -136,6 +139,59 @@ def test_a_pairs_two_sequences_share_a_row_and_positions_restart():
     sums, pair_mask = dpo.sequence_sums(torch.ones(2, 10), batch["sequence_ids"])
     assert sums.tolist() == [[[4.0, 3.0], [0.0, 0.0]], [[3.0, 2.0], [2.0, 2.0]]]
     assert pair_mask.tolist() == [[True, False], [True, True]]
+
+
+def _bench_module():
+    """``bench/bench_dpo_tokenize.py``: its per-pair path (the DPO tokenization before the shared writer) is
+    the reference the writer's pair rows are compared with."""
+    spec = importlib.util.spec_from_file_location("bench_dpo_tokenize", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pairs_through_the_shared_writer_give_the_rows_of_the_per_pair_path(tmp_path, builtin_model_dir):
+    """The DPO tokenize step (the shared dataset writer, in 2 worker processes) writes exactly the rows of the
+    former per-pair path, reference log-probs included, and drops and counts the same pairs."""
+    import pyarrow.parquet as pq
+
+    from steps.models import load_model, load_tokenizer
+
+    bench = _bench_module()
+    # Besides catalog pairs, pairs too long for a row: one sequence alone, or only both together.
+    long_answer = " ".join(f"Iron Tide ({year})." for year in range(1950, 2010))
+    pairs = ([{"prompt": f"List thrillers, take {k}.", "chosen": long_answer, "rejected": "No."} for k in range(4)]
+             + [{"prompt": f"Two lists, take {k}.", "chosen": long_answer[:300], "rejected": long_answer[-300:]}
+                for k in range(4)])
+    (tmp_path / "long.jsonl").write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
+    recipe = _recipe(tmp_path, seed=5, model={"base": str(builtin_model_dir)},
+                     data={"sources": [{"uri": "builtin:catalog-pairs"}, {"uri": str(tmp_path / "long.jsonl")}],
+                           "builtin_num_conversations": 300, "eval_fraction": 0.2},
+                     tokenize={"max_seq_tokens": 256, "num_workers": 2},
+                     train={"micro_batch_tokens": 1024, "global_batch_tokens": 1024})
+    run_root = str(tmp_path / "run")
+    manifest = ingest.ingest(recipe, run_root, record_format=dpo.PAIRS)
+
+    stats = dpo.tokenize_splits(recipe, builtin_model_dir, builtin_model_dir, manifest, run_root)
+
+    tokenizer, reference = load_tokenizer(builtin_model_dir), load_model(builtin_model_dir).eval()
+    for split in ("train", "eval"):
+        old_stats, old_rows = bench.per_pair_rows(tokenizer, manifest["splits"][split]["uris"], max_seq_tokens=256)
+        dpo.add_reference_logps(reference, old_rows, row_tokens=256, pad_id=tokenizer.pad_token_id,
+                                batch_rows=1024 // 256)  # as the step: train.micro_batch_tokens // row tokens
+        new_rows = bench.read_rows(stats[split]["uris"])
+        bench.assert_same_rows(old_stats, old_rows, stats[split], new_rows)
+        assert [row["ref_logps"] for row in new_rows] == [row["ref_logps"].tolist() for row in old_rows]
+        assert pq.read_schema(stats[split]["uris"][0]) == dpo.PAIR_TOKEN_SCHEMA
+    train = stats["train"]
+    assert train["num_pairs"] == manifest["splits"]["train"]["num_conversations"] > 200
+    assert stats["train"]["num_dropped_too_long"] + stats["eval"]["num_dropped_too_long"] >= len(pairs)
+    assert train["num_rows"] < train["num_packed_pairs"] / 1.5  # rows of several pairs
+    first = bench.read_rows(train["uris"])[0]
+    pair_end = first["sequence_ids"].index(2) if 2 in first["sequence_ids"] else len(first["input_ids"])
+    assert stats["example"] == example_masked_text(tokenizer, first["input_ids"][:pair_end],
+                                                   first["labels"][:pair_end])
+    assert stats["example"].count("[[") == 2 and stats["reference_seconds"] > 0
 
 
 def test_packed_pair_log_probs_equal_each_sequence_alone(builtin_model_dir):
@@ -284,7 +340,11 @@ def test_sft_weight_adds_the_chosen_answers_mean_token_nll(builtin_model_dir, po
 
 def _catalog_rows(tmp_path, builtin_model_dir, num_pairs=16):
     """Packed train rows (with reference log-probs of the builtin model) of catalog pairs."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
     from steps.builtin import builtin_dataset
+    from steps.chat import write_token_dataset
     from steps.models import load_model, load_tokenizer
 
     source = tmp_path / "pairs.jsonl"
@@ -292,7 +352,10 @@ def _catalog_rows(tmp_path, builtin_model_dir, num_pairs=16):
     recipe = _recipe(tmp_path, data={"sources": [{"uri": str(source)}], "eval_fraction": 0.2})
     manifest = ingest.ingest(recipe, str(tmp_path / "run"), record_format=dpo.PAIRS)
     tokenizer = load_tokenizer(builtin_model_dir)
-    _, rows = dpo.tokenize_pairs(tokenizer, manifest["splits"]["train"]["uris"], max_seq_tokens=256)
+    stats = write_token_dataset(tokenizer, manifest["splits"]["train"]["uris"], tmp_path / "tokens", dpo.PAIR_TOKENS,
+                                max_seq_tokens=256)
+    rows = [{name: np.asarray(values) for name, values in row.items()}
+            for row in pq.read_table(stats["uris"][0]).to_pylist()]
     dpo.add_reference_logps(load_model(builtin_model_dir).eval(), rows, row_tokens=256,
                             pad_id=tokenizer.pad_token_id)
     return rows, tokenizer.pad_token_id

@@ -24,8 +24,12 @@ CRASHES = {"fail_at_step": 9, "kill_rank_at_step": 11, "save_every_steps": 6, "m
 RESUMED_FROM_6 = "step-000006 at step 6"
 
 
-def fail_then_resume(flow: str, recipe: Path, tmp_path: Path) -> tuple[str, str, object]:
-    """Run ``flows/<flow>``, which must fail in train; resume it. Returns (origin id, resumed id, data)."""
+def fail_then_resume(flow: str, recipe: Path, tmp_path: Path, first_failure: str = "after step 9"
+                     ) -> tuple[str, str, object]:
+    """Run ``flows/<flow>``, which must fail in train (``injected failure <first_failure>`` first);
+    resume it without --config (Metaflow takes the origin run's recipe, and refuses a new one).
+    Checks that the steps before train are clones of the origin's. Returns (origin id, resumed id,
+    the resumed run's end data)."""
     from metaflow import Run, Runner, metadata, namespace
 
     sysroot = tmp_path / "metaflow"
@@ -36,7 +40,7 @@ def fail_then_resume(flow: str, recipe: Path, tmp_path: Path) -> tuple[str, str,
     with Runner(path, show_output=False, env=env, cwd=str(sysroot), config=[("recipe", str(recipe))]) as runner:
         failed = runner.run()
         assert failed.status == "failed", failed.stdout[-3000:] + failed.stderr[-3000:]
-        assert "injected failure after step 9" in failed.stdout + failed.stderr
+        assert f"injected failure {first_failure}" in failed.stdout + failed.stderr
         origin_id = failed.run.id
     with Runner(path, show_output=False, env=env, cwd=str(sysroot)) as runner:
         resumed = runner.resume(origin_run_id=origin_id)
@@ -45,8 +49,10 @@ def fail_then_resume(flow: str, recipe: Path, tmp_path: Path) -> tuple[str, str,
     metadata(f"local@{sysroot}")
     namespace(None)
     run = Run(f"{resumed.run.pathspec}")
+    assert run_id != origin_id
     assert run["train"].task.origin_pathspec is None  # the failed step ran again; the others are clones
-    assert (run["tokenize"].task.origin_pathspec or "").startswith(f"{run.parent.id}/{origin_id}/tokenize/")
+    for step_name in ("start", "ingest", "tokenize"):
+        assert (run[step_name].task.origin_pathspec or "").startswith(f"{run.parent.id}/{origin_id}/{step_name}/")
     return origin_id, run_id, run["end"].task.data
 
 

@@ -56,3 +56,42 @@ def test_upload_and_download(root, tmp_path):
     uri = storage.join(root, "blob", "x.bin")
     storage.upload_file(local, uri)
     assert storage.download_file(uri, tmp_path / "back" / "x.bin").read_bytes() == local.read_bytes()
+
+
+def test_a_dead_s3_endpoint_fails_within_the_bounds_and_names_the_endpoint(monkeypatch):
+    """A port nobody listens on: the call fails after the configured attempts, not botocore's
+    minutes, and the error says which endpoint did not answer."""
+    import socket
+    import time
+
+    from botocore.exceptions import EndpointConnectionError
+
+    from steps import storage
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again when the block ends: nobody listens there
+    endpoint = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("METAFLOW_S3_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("POSTTRAIN_S3_CONNECT_TIMEOUT_S", "1")
+    monkeypatch.setenv("POSTTRAIN_S3_MAX_ATTEMPTS", "2")
+    client = storage.s3_client()
+    assert client.meta.config.connect_timeout == 1.0 and client.meta.config.retries["total_max_attempts"] == 2
+    started = time.monotonic()
+    with pytest.raises(EndpointConnectionError, match=f"127.0.0.1:{port}"):
+        storage.read_bytes("s3://bucket/key")
+    assert time.monotonic() - started < 30  # a DoS guard, far above the ~1 s it takes
+
+
+def test_s3_limits_come_from_the_environment_and_are_checked(monkeypatch):
+    from steps import storage
+
+    assert storage._s3_limits() == (10.0, 60.0, 3)
+    monkeypatch.setenv("POSTTRAIN_S3_READ_TIMEOUT_S", "5")
+    assert storage._s3_limits() == (10.0, 5.0, 3)
+    monkeypatch.setenv("POSTTRAIN_S3_MAX_ATTEMPTS", "zero")
+    with pytest.raises(ValueError, match=r"\$POSTTRAIN_S3_MAX_ATTEMPTS must be a number"):
+        storage._s3_limits()

@@ -1,4 +1,4 @@
-"""Chat rendering with the model's own template, and labels on the assistant turns only.
+"""Template analysis and masking: one conversation -> ``input_ids`` and assistant-only ``labels``.
 
 A conversation is rendered to text by ``tokenizer.apply_chat_template`` (the model's own
 template), tokenized once, and every token outside a trained assistant turn gets label -100.
@@ -18,28 +18,19 @@ template renders ``messages[:i]`` with the generation prompt (``P``) and ``messa
 what "the template does not rewrite earlier turns" means; the content is then searched in
 ``F[len(P):]`` (verbatim, or trimmed for templates that ``| trim``), and what follows it up to
 trailing whitespace must be end-of-turn tokens. Where a template has generation markers the
-labels equal transformers' ``return_assistant_tokens_mask`` (a test checks this), and
-:func:`tokenize_dataset` takes the marked spans from one render per conversation once they
-agreed with the content search on the first conversations (``_MarkerShortcut``).
+labels equal transformers' ``return_assistant_tokens_mask`` (a test checks this).
 
-Speed (``bench/bench_data.py``). Most templates only print each content, so a dataset's
-renders come from a few Jinja renders, one per conversation *shape* (its roles), with the
-contents filled in (``_TemplateSkeletons``; :func:`content_opaque_violation` decides, and the
-first renders are checked against Jinja). The Rust tokenizer encodes a batch on a second
-thread while Python renders and labels the neighbouring batches, and trained spans become
-token ranges through ``char_to_token`` rather than per-token offsets.
+This module also analyses a template's Jinja syntax tree (:func:`content_opaque_violation`:
+does it only print each content?), which lets ``steps.chat.renderer`` render a dataset from a
+few Jinja renders; ``steps.chat.writer`` labels whole datasets in batches with the same
+functions as :func:`tokenize_conversation`.
 """
 
 from __future__ import annotations
 
 import functools
-import itertools
-import os
-import re
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NamedTuple
 
 import jinja2
@@ -47,27 +38,17 @@ import jinja2.ext
 import jinja2.nodes
 import jinja2.sandbox
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from steps.packing import IGNORE_INDEX, pack_bins, pack_documents
+from steps.packing import IGNORE_INDEX
 
 TRUNCATION_MODES = ("drop", "turn")
-TOKEN_SHARD_SCHEMA = pa.schema([
-    ("input_ids", pa.list_(pa.int32())),
-    ("labels", pa.list_(pa.int32())),
-    ("position_ids", pa.list_(pa.int32())),
-])
-# Conversations per batched tokenizer call: large enough to amortise the call, small
-# enough that the offsets of one batch stay a few MB.
-TOKENIZE_BATCH_SIZE = 512
 
 
 class ChatTemplateError(ValueError):
     """The chat template cannot give assistant-only labels for a conversation (the message says why).
 
     ``reason`` says whose fault it is. Problems of one conversation (the data's) are counted and
-    skipped by :func:`tokenize_dataset`; problems of the template fail the step:
+    skipped by the dataset writer (``steps.chat.writer``); problems of the template fail the step:
 
     - ``template_raised``: the template's own ``raise_exception`` (roles that do not alternate,
       a role it does not know) -- a conversation the template does not support;
@@ -164,7 +145,7 @@ def _render_with_markers(tokenizer, template: str, chat: list[dict]) -> tuple[st
 
 
 # ---------------------------------------------------------------------------------------------
-# Template skeletons: the renders of a dataset without running Jinja per conversation
+# Template analysis: does a template only print each content? (the renderer's skeletons need it)
 
 # Filters that look at a list or a message as a whole without reading its content.
 _STRUCTURE_FILTERS = frozenset({"length", "count", "first", "last", "list", "reverse", "selectattr", "rejectattr",
@@ -224,7 +205,7 @@ def content_opaque_violation(template: str) -> str | None:
     assignment, or loop touches the content, nor a whole message or message list through
     anything that could read its content (``tojson``, ``string``, ``items()``). For such a
     template, the rendering of a conversation is the rendering of its roles with each content
-    put in its place, which is what :class:`_TemplateSkeletons` relies on. The check is
+    put in its place, which is what ``steps.chat.renderer._TemplateSkeletons`` relies on. The check is
     deliberately narrow (an unknown construct fails it): a template that fails is rendered by
     Jinja as usual.
 
@@ -299,146 +280,9 @@ def content_opaque_violation(template: str) -> str | None:
     return visit(tree, None, "")
 
 
-# A content's placeholder in a skeleton: private-use characters that no template writes.
-_SLOT_OPEN, _SLOT_CLOSE = "\ue000", "\ue001"
-_SLOT = re.compile(f"{_SLOT_OPEN}(\\d+){_SLOT_CLOSE}")
 
-
-@dataclass(frozen=True, slots=True)
-class _Skeleton:
-    """A rendering with its contents cut out: ``pieces[0] + content[slots[0]] + pieces[1] + ...``.
-
-    Marker spans are kept as ``(contents before, template characters before)`` of their start
-    and end, since their character positions move with the lengths of the contents.
-    """
-
-    pieces: tuple[str, ...]
-    slots: tuple[int, ...]
-    marks: tuple[tuple[tuple[int, int], tuple[int, int]], ...] = ()
-
-    @classmethod
-    def parse(cls, text: str, indices: Sequence[tuple[int, int]] = ()) -> _Skeleton | None:
-        """The skeleton of a rendering of placeholders; None if a placeholder came out mangled or a mark splits one."""
-        pieces, slots, slot_bounds = [], [], []
-        position = 0
-        for match in _SLOT.finditer(text):
-            pieces.append(text[position:match.start()])
-            slots.append(int(match.group(1)))
-            slot_bounds.append((match.start(), match.end()))
-            position = match.end()
-        pieces.append(text[position:])
-        if text.count(_SLOT_OPEN) != len(slots) or text.count(_SLOT_CLOSE) != len(slots):
-            return None
-
-        def anchor(position: int) -> tuple[int, int] | None:
-            num_before, slot_chars = 0, 0
-            for start, end in slot_bounds:
-                if end <= position:
-                    num_before, slot_chars = num_before + 1, slot_chars + end - start
-                elif start < position:
-                    return None
-            return num_before, position - slot_chars
-
-        marks = [(anchor(start), anchor(end)) for start, end in indices]
-        if any(None in mark for mark in marks):
-            return None
-        return cls(tuple(pieces), tuple(slots), tuple(marks))
-
-    def fill(self, contents: Sequence[str]) -> tuple[str, list[tuple[int, int]]]:
-        """The rendering of ``contents`` and its marker spans."""
-        slot_contents = [contents[slot] for slot in self.slots]
-        parts = [""] * (2 * len(slot_contents) + 1)
-        parts[0::2] = self.pieces
-        parts[1::2] = slot_contents
-        if not self.marks:
-            return "".join(parts), []
-        content_chars = [0, *itertools.accumulate(map(len, slot_contents))]  # characters of the first k contents
-        marks = [(content_chars[start[0]] + start[1], content_chars[end[0]] + end[1]) for start, end in self.marks]
-        return "".join(parts), marks
-
-
-class _TemplateSkeletons:
-    """Renders a chat template once per conversation *shape* (its roles) and fills the contents in.
-
-    For a template that only prints contents (:func:`content_opaque_violation`), rendering
-    ``[user "Hi", assistant "Hello!"]`` is rendering ``[user ⟨0⟩, assistant ⟨1⟩]`` with ``Hi`` put
-    for ``⟨0⟩`` and ``Hello!`` for ``⟨1⟩``. A dataset has few shapes, so Jinja runs a few times
-    per dataset instead of once per prefix render of every conversation, and the content search
-    and marker spans of :func:`_render_conversation` / :class:`_MarkerShortcut` are computed on
-    exactly the text the template gives. As a second guard, the first ``NUM_VERIFIED`` renders,
-    and the first of every shape, are compared with the template's own rendering; one
-    difference turns the skeletons off for good. A template that raises for a shape raises the
-    same error for every conversation of that shape.
-    """
-
-    NUM_VERIFIED = 64
-    MAX_SHAPES = 4096
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        try:
-            self.template = tokenizer.get_chat_template()
-        except (ValueError, TypeError):
-            self.template = None
-        self.violation = content_opaque_violation(self.template) if self.template else "no chat template"
-        self.enabled = self.violation is None
-        self.num_verified = 0
-        self._skeletons: dict[tuple, _Skeleton | ChatTemplateError | None] = {}
-
-    def _render_placeholders(self, key: tuple, render_real: Callable) -> _Skeleton | ChatTemplateError | None:
-        roles = key[0]
-        chat = [{"role": role, "content": f"{_SLOT_OPEN}{index}{_SLOT_CLOSE}"} for index, role in enumerate(roles)]
-        try:
-            text, indices = render_real(chat)
-        except ChatTemplateError as error:
-            return error
-        return _Skeleton.parse(text, indices)
-
-    def _fill(self, key: tuple, messages: Sequence[Mapping],
-              render_real: Callable) -> tuple[str, list[tuple[int, int]]]:
-        if not self.enabled:
-            return render_real(_plain_chat(messages))
-        skeleton = self._skeletons.get(key, ...)
-        is_new = skeleton is ...
-        if is_new:
-            if len(self._skeletons) >= self.MAX_SHAPES:  # a dataset of ever new shapes: Jinja renders the rest
-                return render_real(_plain_chat(messages))
-            skeleton = self._skeletons[key] = self._render_placeholders(key, render_real)
-        chat = _plain_chat(messages) if skeleton is None or is_new or self.num_verified < self.NUM_VERIFIED else None
-        if skeleton is None:  # this shape cannot be cut into pieces: the template renders it
-            return render_real(chat)
-        if isinstance(skeleton, ChatTemplateError):
-            outcome: tuple | ChatTemplateError = ChatTemplateError(str(skeleton), skeleton.reason)
-        else:
-            outcome = skeleton.fill([message["content"] for message in messages])
-        if is_new or self.num_verified < self.NUM_VERIFIED:
-            self.num_verified += 1
-            try:
-                expected: tuple | ChatTemplateError = render_real(chat)
-            except ChatTemplateError as error:
-                expected = error
-            same = (str(outcome) == str(expected) if isinstance(outcome, ChatTemplateError)
-                    else outcome == expected)
-            if not same:
-                self.enabled = False  # the template does read the content somehow: render every conversation
-                self._skeletons.clear()
-                outcome = expected
-        if isinstance(outcome, ChatTemplateError):
-            raise outcome
-        return outcome
-
-    def render(self, chat: list[dict], add_generation_prompt: bool) -> str:
-        """``_render(tokenizer, chat, add_generation_prompt)``, from the skeleton of the chat's shape."""
-        def render_real(messages):
-            return _render(self.tokenizer, messages, add_generation_prompt), []
-
-        key = (tuple(message["role"] for message in chat), add_generation_prompt, False)
-        return self._fill(key, chat, render_real)[0]
-
-    def render_marked(self, messages: Sequence[Mapping]) -> tuple[str, list[tuple[int, int]]]:
-        """``_render_with_markers(tokenizer, template, messages)``, from the skeleton of the messages' shape."""
-        key = (tuple(message["role"] for message in messages), False, True)
-        return self._fill(key, messages, functools.partial(_render_with_markers, self.tokenizer, self.template))
+# ---------------------------------------------------------------------------------------------
+# Masking: the trained spans of a rendered conversation (the content search)
 
 
 class _EndOfTurnCheck:
@@ -498,7 +342,7 @@ def _render_conversation(tokenizer, messages: Sequence[Mapping], is_end_of_turn:
     """The rendered text and the trained spans of ``messages``, found by the content search (module docstring).
 
     ``render(chat, add_generation_prompt)`` renders a prefix of the chat: the template itself by
-    default, or :class:`_TemplateSkeletons`, which gives the same text without running Jinja.
+    default, or ``steps.chat.renderer._TemplateSkeletons``, which gives the same text without running Jinja.
     """
     render = render or functools.partial(_render, tokenizer)
     chat = _plain_chat(messages)
@@ -527,61 +371,6 @@ def _render_conversation(tokenizer, messages: Sequence[Mapping], is_end_of_turn:
             raise ChatTemplateError(f"assistant message {index}: {problem}; rendered turn: {rendered_turn!r}", reason)
         spans.append(_TrainedSpan(index, *span))
     return _RenderedConversation(text, spans)
-
-
-class _MarkerShortcut:
-    """One render per conversation for templates with ``{% generation %}`` markers, once proven.
-
-    :func:`_render_conversation` renders every trained turn's prefixes (up to three renders
-    per turn) to find its text. Where the template marks the assistant's text itself, one
-    render gives every span (what ``return_assistant_tokens_mask`` uses). The marked spans
-    are used only after they gave the same trained characters as the content search on the
-    first ``NUM_CHECKED`` conversations of this process; one disagreement (say, markers that
-    leave the end-of-turn token out) and the content search is used for everything.
-    """
-
-    NUM_CHECKED = 64
-
-    def __init__(self, tokenizer, skeletons: _TemplateSkeletons | None = None):
-        try:
-            template = tokenizer.get_chat_template()
-        except (ValueError, TypeError):
-            template = None
-        self.template = template
-        self.enabled = bool(template) and re.search(r"\{%-?\s*generation\s*-?%\}", template) is not None
-        self.num_agreed = 0
-        self.skeletons = skeletons
-        """Renders without Jinja where the template allows it (None: Jinja renders everything)."""
-
-    def _render_marked(self, tokenizer, messages: Sequence[Mapping]) -> _RenderedConversation | None:
-        if self.skeletons is not None:
-            text, indices = self.skeletons.render_marked(messages)
-        else:
-            text, indices = _render_with_markers(tokenizer, self.template, _plain_chat(messages))
-        assistant_indices = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
-        if len(indices) != len(assistant_indices):
-            return None  # blocks and assistant turns do not pair up: let the content search decide
-        spans = [_TrainedSpan(index, start, end, end) for index, (start, end) in zip(assistant_indices, indices)
-                 if messages[index].get("train") is not False]
-        return _RenderedConversation(text, spans)
-
-    def render(self, tokenizer, messages: Sequence[Mapping], is_end_of_turn: _EndOfTurnCheck) -> _RenderedConversation:
-        render = self.skeletons.render if self.skeletons is not None else None
-        if not self.enabled:
-            return _render_conversation(tokenizer, messages, is_end_of_turn, render=render)
-        marked = self._render_marked(tokenizer, messages)
-        if marked is not None and self.num_agreed >= self.NUM_CHECKED:
-            return marked
-        searched = _render_conversation(tokenizer, messages, is_end_of_turn, render=render)
-        if marked is not None and searched.spans:
-            def trained_characters(rendered):
-                return rendered.text, [(span.message_index, span.content_start, span.end) for span in rendered.spans]
-
-            if trained_characters(marked) == trained_characters(searched):
-                self.num_agreed += 1
-            else:
-                self.enabled = False
-        return searched
 
 
 def _find_content(turn_text: str, search_start: int, content: str,
@@ -774,284 +563,3 @@ def example_masked_text(tokenizer, input_ids: Sequence[int], labels: Sequence[in
     return "".join(pieces)
 
 
-# ---------------------------------------------------------------------------------------------
-# Datasets
-
-
-def _int32_array(values: np.ndarray) -> pa.Array:
-    # Wraps the numpy buffer as it is; pa.array() would first import pandas (a second, once).
-    values = np.ascontiguousarray(values, dtype=np.int32)
-    return pa.Array.from_buffers(pa.int32(), len(values), [None, pa.py_buffer(values)])
-
-
-def _write_token_shard(path: Path, flat: Mapping[str, np.ndarray], row_lengths: np.ndarray) -> None:
-    """Write rows given as flat columns and row lengths (``steps.packing.pack_bins``) as one Parquet file."""
-    offsets = _int32_array(np.concatenate([[0], np.cumsum(row_lengths)]))
-    table = pa.Table.from_arrays([pa.ListArray.from_arrays(offsets, _int32_array(flat[name]))
-                                  for name in TOKEN_SHARD_SCHEMA.names], schema=TOKEN_SHARD_SCHEMA)
-    staging = path.with_name(f".{path.name}.writing-{os.getpid()}")
-    pq.write_table(table, staging)
-    os.replace(staging, path)  # a reader never sees half a shard
-
-
-def _render_batch(settings: tuple, conversations: list) -> tuple[list, list[int], list[_RenderedConversation]]:
-    """Render a batch: ``(outcomes, positions, rendered)``, ``rendered[k]`` for conversation ``positions[k]``.
-
-    ``outcomes`` already holds the ``ChatTemplateError`` of each conversation that failed to render.
-    """
-    tokenizer, is_end_of_turn, shortcut, _, _ = settings
-    outcomes: list = [None] * len(conversations)
-    rendered, positions = [], []
-    for position, messages in enumerate(conversations):
-        try:
-            rendered.append(shortcut.render(tokenizer, messages, is_end_of_turn))
-            positions.append(position)
-        except ChatTemplateError as error:
-            outcomes[position] = error
-    return outcomes, positions, rendered
-
-
-def _label_rendered(settings: tuple, outcomes: list, positions: list[int], rendered: list[_RenderedConversation],
-                    encodings: list) -> list:
-    """Fill ``outcomes`` (see :func:`_label_batch`) from the encodings of the rendered conversations."""
-    tokenizer, _, _, max_seq_tokens, truncation = settings
-    for position, item, encoding in zip(positions, rendered, encodings):
-        try:
-            trained, turn_token_ends = _trained_mask(item, encoding, tokenizer)
-            num_kept = _limit_length(len(trained), turn_token_ends, max_seq_tokens, truncation)
-        except ChatTemplateError as error:
-            outcomes[position] = error
-        except NoTrainedTokens:
-            outcomes[position] = "no_trained_tokens"
-        except ConversationTooLong:
-            outcomes[position] = "too_long"
-        else:
-            outcomes[position] = (np.array(encoding.ids[:num_kept], dtype=np.int32), trained[:num_kept],
-                                  num_kept < len(trained))
-    return outcomes
-
-
-def _label_batch(settings: tuple, conversations: list) -> list:
-    """Render, tokenize (one call) and label a batch; one outcome per conversation, in order.
-
-    An outcome is ``(input_ids int32 array, trained bool array, truncated)``, ``"no_trained_tokens"``,
-    ``"too_long"``, or the ``ChatTemplateError`` (the caller decides whose fault it is).
-    """
-    outcomes, positions, rendered = _render_batch(settings, conversations)
-    encodings = _encode(settings[0], [item.text for item in rendered]) if rendered else []
-    return _label_rendered(settings, outcomes, positions, rendered, encodings)
-
-
-_WORKER_SETTINGS: tuple | None = None
-
-
-def _init_worker(settings: tuple) -> None:
-    global _WORKER_SETTINGS
-    _WORKER_SETTINGS = settings
-
-
-def _label_batch_in_worker(job: tuple) -> tuple:
-    uri, record_ids, conversations = job
-    return uri, record_ids, _label_batch(_WORKER_SETTINGS, conversations)
-
-
-class _BatchLabeller:
-    """Runs :func:`_label_batch` over batches, in this process or in a pool, results in input order.
-
-    In this process, the Rust tokenizer encodes one batch on a thread while Python renders the
-    next and labels the previous one. With workers, at most ``4 * num_workers`` batches are in
-    flight, so memory does not grow with the dataset; the results (and so the rows) are the same
-    for any number of workers.
-    """
-
-    def __init__(self, settings: tuple, num_workers: int):
-        self.settings, self.num_workers = settings, num_workers
-        self.pool = None
-
-    def _run_with_encoding_thread(self, jobs):
-        """One process: the Rust tokenizer encodes batch k on a thread (it releases the GIL) while
-        Python renders batch k+1 and labels batch k-1, so a second core is used without pickling."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        tokenizer = self.settings[0]
-        pending = None
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode") as encoder:
-            for uri, record_ids, conversations in jobs:
-                outcomes, positions, rendered = _render_batch(self.settings, conversations)
-                encoded = encoder.submit(_encode, tokenizer, [item.text for item in rendered])
-                if pending is not None:
-                    yield self._finish(*pending)
-                pending = (uri, record_ids, outcomes, positions, rendered, encoded)
-            if pending is not None:
-                yield self._finish(*pending)
-
-    def _finish(self, uri, record_ids, outcomes, positions, rendered, encoded) -> tuple:
-        return uri, record_ids, _label_rendered(self.settings, outcomes, positions, rendered, encoded.result())
-
-    def __enter__(self) -> _BatchLabeller:
-        if self.num_workers > 1:
-            import multiprocessing
-
-            self.pool = multiprocessing.get_context("fork" if os.name == "posix" else "spawn").Pool(
-                self.num_workers, initializer=_init_worker, initargs=(self.settings,))
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
-
-    def run(self, jobs):
-        if self.pool is None:
-            yield from self._run_with_encoding_thread(jobs)
-            return
-        window = []
-        for job in jobs:
-            window.append(job)
-            if len(window) == 4 * self.num_workers:
-                yield from self.pool.map(_label_batch_in_worker, window, chunksize=1)
-                window = []
-        if window:
-            yield from self.pool.map(_label_batch_in_worker, window, chunksize=1)
-
-
-def tokenize_dataset(tokenizer, data_uris: Sequence[str], out_dir: Path, *, max_seq_tokens: int, truncation: str,
-                     rows_per_shard: int = 20000, max_reject_fraction: float = 0.0, num_workers: int = 1) -> dict:
-    """Tokenize the conversations of data shards, pack them into rows, and write token shards.
-
-    Each conversation goes through the same rendering and labelling as
-    :func:`tokenize_conversation` (the text of a batch is tokenized in one call). Those
-    longer than ``max_seq_tokens`` are dropped or cut per ``truncation``, those without a
-    trained token are dropped, those the template cannot handle (``ChatTemplateError.reason``
-    in ``RECORD_REASONS``, e.g. roles that do not alternate) are counted by reason, and the
-    rest are packed into rows of at most ``max_seq_tokens`` (best fit decreasing plus a refill
-    pass, see ``steps.packing.pack_documents``). Rows go to
-    ``out_dir/part-00000.parquet, ...`` (``input_ids``, ``labels``, ``position_ids``: int32
-    lists, not padded), ``rows_per_shard`` rows each. The same inputs always give the same rows,
-    with any ``num_workers`` (processes that render and label batches; packing is in this one).
-
-    Returns:
-        ``{"uris", "num_conversations" (read), "num_packed_conversations", "num_rows",
-        "num_tokens" (real tokens), "num_trained_tokens", "num_truncated", "num_dropped_too_long",
-        "num_no_trained_tokens", "num_template_rejects", "template_reject_reasons" ({reason: count}),
-        "packing_efficiency" (num_tokens / (num_rows * max_seq_tokens)), "max_seq_tokens"}``,
-        for example (the default recipe's train split: builtin catalog chats, 256-token rows)::
-
-            {"uris": [".../part-00000.parquet"], "num_conversations": 10708, "num_packed_conversations": 10708,
-             "num_rows": 2697, "num_tokens": 681159, ..., "packing_efficiency": 0.987, "max_seq_tokens": 256}
-
-    Raises:
-        ChatTemplateError: the template itself cannot be masked (naming the shard and record
-            id, as for :func:`tokenize_conversation`), or it rejects more than
-            ``max_reject_fraction`` of the conversations (naming the reasons and the first).
-    """
-    _check_tokenizer(tokenizer, truncation)
-    if max_seq_tokens < 1 or rows_per_shard < 1 or num_workers < 1:
-        raise ValueError(f"max_seq_tokens, rows_per_shard and num_workers must be >= 1, got {max_seq_tokens}, "
-                         f"{rows_per_shard}, {num_workers}")
-    doc_input_ids: list[np.ndarray] = []
-    doc_trained: list[np.ndarray] = []
-    counts = {"num_conversations": 0, "num_truncated": 0, "num_dropped_too_long": 0, "num_no_trained_tokens": 0}
-    template_rejects: Counter[str] = Counter()
-    first_template_reject = ""
-
-    def batches():
-        for uri in data_uris:
-            # Batches of a shard, not the whole shard: memory holds a few batches of
-            # conversations plus the token arrays of the documents kept so far.
-            for batch in pq.ParquetFile(uri).iter_batches(batch_size=TOKENIZE_BATCH_SIZE, columns=["id", "messages"]):
-                yield uri, batch.column("id").to_pylist(), batch.column("messages").to_pylist()
-
-    settings = (tokenizer, _EndOfTurnCheck(tokenizer), _MarkerShortcut(tokenizer, _TemplateSkeletons(tokenizer)),
-                max_seq_tokens, truncation)
-    with _BatchLabeller(settings, num_workers) as labeller:
-        for uri, record_ids, outcomes in labeller.run(batches()):
-            for record_id, outcome in zip(record_ids, outcomes):
-                counts["num_conversations"] += 1
-                if isinstance(outcome, ChatTemplateError):
-                    # Problems of one conversation are counted; a template that cannot be masked fails the step.
-                    if outcome.reason not in ChatTemplateError.RECORD_REASONS:
-                        raise ChatTemplateError(f"{uri}, record {record_id}: {outcome}", outcome.reason) from outcome
-                    template_rejects[outcome.reason] += 1
-                    first_template_reject = first_template_reject or f"{uri}, record {record_id}: {outcome}"
-                elif outcome == "no_trained_tokens":
-                    counts["num_no_trained_tokens"] += 1
-                elif outcome == "too_long":
-                    counts["num_dropped_too_long"] += 1
-                else:
-                    input_ids, trained, truncated = outcome
-                    counts["num_truncated"] += truncated
-                    doc_input_ids.append(input_ids)
-                    doc_trained.append(trained)
-
-    num_template_rejects = sum(template_rejects.values())
-    if num_template_rejects > max_reject_fraction * counts["num_conversations"]:
-        reasons = ", ".join(f"{reason}: {n}" for reason, n in template_rejects.most_common())
-        raise ChatTemplateError(
-            f"the chat template rejected {num_template_rejects} of {counts['num_conversations']} conversations "
-            f"({reasons}), more than max_reject_fraction={max_reject_fraction}; the first: {first_template_reject}",
-            template_rejects.most_common(1)[0][0])
-    bins = pack_documents([len(ids) for ids in doc_input_ids], max_seq_tokens)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob("part-*.parquet"):  # a retried step must not leave an earlier attempt's shards
-        stale.unlink()
-    uris = []
-    num_tokens = num_trained_tokens = 0
-    # One shard even when there is no row, so readers always find the schema.
-    for shard_index, shard_start in enumerate(range(0, max(len(bins), 1), rows_per_shard)):
-        flat, row_lengths = pack_bins(bins[shard_start: shard_start + rows_per_shard],
-                                      {"input_ids": doc_input_ids, "trained": doc_trained})
-        trained = flat.pop("trained").astype(bool)
-        flat["labels"] = np.where(trained, flat["input_ids"], IGNORE_INDEX).astype(np.int32)
-        num_tokens += len(trained)
-        num_trained_tokens += int(trained.sum())
-        path = out_dir / f"part-{shard_index:05d}.parquet"
-        _write_token_shard(path, flat, row_lengths)
-        uris.append(str(path))
-
-    return {
-        "uris": uris,
-        **counts,
-        "num_template_rejects": num_template_rejects,
-        "template_reject_reasons": dict(sorted(template_rejects.items())),
-        "num_packed_conversations": len(doc_input_ids),
-        "num_rows": len(bins),
-        "num_tokens": num_tokens,
-        "num_trained_tokens": num_trained_tokens,
-        "packing_efficiency": num_tokens / (len(bins) * max_seq_tokens) if bins else 0.0,
-        "max_seq_tokens": max_seq_tokens,
-    }
-
-
-def tokenize_splits(recipe, base_model: str | Path, dataset_manifest: dict, run_root: str) -> dict:
-    """The tokenize step: token shards for every split under ``<run_root>/tokens/<split>/``.
-
-    Returns ``{"train": stats, "eval": stats, "packing_efficiency": train's, "example": str}``
-    where each ``stats`` is :func:`tokenize_dataset`'s and ``example`` is one training
-    conversation with its trained tokens wrapped in ``[[ ]]``.
-    """
-    from steps.models import load_tokenizer
-    from steps.storage import subdir
-
-    tokenizer = load_tokenizer(base_model, recipe.model.trust_remote_code)
-    stats = {}
-    for split, info in dataset_manifest["splits"].items():
-        stats[split] = tokenize_dataset(tokenizer, info["uris"], subdir(run_root, "tokens", split),
-                                        max_seq_tokens=recipe.tokenize.max_seq_tokens,
-                                        truncation=recipe.tokenize.truncation,
-                                        max_reject_fraction=recipe.tokenize.max_reject_fraction,
-                                        num_workers=recipe.tokenize.num_workers or os.cpu_count() or 1)
-        print(f"tokenize {split}: {stats[split]['num_packed_conversations']} conversations -> "
-              f"{stats[split]['num_rows']} rows, packing efficiency {stats[split]['packing_efficiency']:.3f}")
-    if stats["train"]["num_rows"] == 0:
-        raise ValueError("no training conversation survived tokenization: "
-                         f"{stats['train']['num_dropped_too_long']} too long for tokenize.max_seq_tokens="
-                         f"{recipe.tokenize.max_seq_tokens}, {stats['train']['num_no_trained_tokens']} "
-                         "without a trained token")
-    first = pq.read_table(stats["train"]["uris"][0], columns=["input_ids", "labels", "position_ids"]).slice(0, 1)
-    row = first.to_pylist()[0]
-    doc_end = next((i for i, p in enumerate(row["position_ids"][1:], 1) if p == 0), len(row["input_ids"]))
-    stats["example"] = example_masked_text(tokenizer, row["input_ids"][:doc_end], row["labels"][:doc_end])
-    stats["packing_efficiency"] = stats["train"]["packing_efficiency"]
-    return stats
