@@ -11,8 +11,8 @@ tells that loop four things:
 - ``module(model, real_vocab=..., chunk_tokens=...)``: the ``torch.nn.Module`` whose
   ``forward(**micro_batch)`` returns the micro-batch's summed loss, or a dict of sums with a
   ``"loss"`` key and extra metrics (each divided by ``count`` and logged). DDP, FSDP2 and
-  DeepSpeed wrap this module, so the loss runs inside the wrapped forward, where their hooks
-  expect it.
+  DeepSpeed (:mod:`steps.strategies`) wrap this module, so the loss runs inside the wrapped
+  forward, where their hooks expect it.
 
 The trainer picks one by the train spec's ``objective`` name through :data:`OBJECTIVES`; a new
 recipe adds one line there and one module of its own.

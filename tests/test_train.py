@@ -121,3 +121,78 @@ def test_two_ranks_see_the_same_data_and_loss_as_one(tmp_path, builtin_model_dir
     wa, wb = _final_weights(tmp_path / "one"), _final_weights(tmp_path / "two")
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
     assert (checkpoint.list_checkpoints(tmp_path / "two")[-1] / "rng-rank1.pt").exists()
+
+
+GOLDEN = Path(__file__).parent / "data" / "golden_train_curve.json"
+
+
+def _tensor_digest(tensors) -> str:
+    """sha256 over tensors in order, bytes and shapes: equal only when bit-for-bit equal."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        tensor = tensor.detach().cpu().contiguous()  # view() needs a dimension
+        digest.update(f"{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _golden_record(ckpt_root: Path, stdout: str, token_uris, model_dir) -> dict:
+    """What the golden run must reproduce: its inputs, every logged number except timings, the
+    log lines, and digests of the final weights, optimizer, scheduler and RNG state."""
+    import re
+
+    final = checkpoint.list_checkpoints(ckpt_root)[-1]
+    weights = load_file(str(final / "model.safetensors"))
+    optimizer = torch.load(final / "optimizer.pt", weights_only=True)
+    optimizer_tensors = [v for _, state in sorted(optimizer["state"].items())
+                         for _, v in sorted(state.items()) if isinstance(v, torch.Tensor)]
+    rows = train.PackedRows(token_uris, seed=0).rows
+    base = load_file(str(Path(model_dir) / "model.safetensors"))
+    timings = re.compile(r" tokens/s .*$")  # tokens/s, TFLOP/s and the ETA vary from run to run
+    return json.loads(json.dumps({  # as the file holds it: tuples become lists
+        "torch": torch.__version__.split("+")[0],
+        "inputs": {"base_weights": _tensor_digest(base[k] for k in sorted(base)),
+                   "packed_rows": _tensor_digest(torch.tensor(row[c]) for row in rows for c in sorted(row))},
+        "curve": [{k: v for k, v in row.items() if k in ("step", "loss", "lr")}
+                  for row in checkpoint.read_state(final)["train_curve"]],
+        "log": [timings.sub("", line).replace(str(ckpt_root), "<ckpt>") for line in stdout.splitlines()],
+        "checkpoints": {p.name: sorted(f.name for f in p.iterdir()) for p in checkpoint.list_checkpoints(ckpt_root)},
+        "final_weights": _tensor_digest(weights[k] for k in sorted(weights)),
+        "final_optimizer": _tensor_digest(optimizer_tensors),
+        "final_optimizer_groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer["param_groups"]],
+        "final_scheduler": {k: v for k, v in torch.load(final / "scheduler.pt", weights_only=True).items()
+                            if k in ("last_epoch", "_step_count", "_last_lr", "base_lrs")},
+        "final_rng": _tensor_digest([torch.load(final / "rng-rank0.pt", weights_only=True)["torch"]]),
+    }))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the golden numbers are CPU numbers")
+def test_golden_run_reproduces_its_numbers_bit_for_bit(tmp_path, builtin_model_dir, token_uris, capsys):
+    """A refactor of the trainer keeps every number (STYLE.md rule 8).
+
+    The run: one rank accumulating 2 micro-batches per step, 6 steps, a checkpoint every 3,
+    an injected failure after step 4, then the same spec again resuming from step 3. After a
+    deliberate change of the numbers (or of torch), rewrite the file with
+    ``POSTTRAIN_WRITE_GOLDEN=1 pytest tests/test_train.py -k golden`` and say why in the commit.
+    """
+    import os
+
+    recipe = _recipe(tmp_path, micro_batch_tokens=512, global_batch_tokens=1024, max_steps=6,
+                     save_every_steps=3, warmup_steps=1, fail_at_step=4)
+    spec = _spec(recipe, builtin_model_dir, token_uris, tmp_path / "ckpt")
+    capsys.readouterr()
+    with pytest.raises(train.InjectedFailure):
+        train.main(str(spec))
+    train.main(str(spec))
+    record = _golden_record(tmp_path / "ckpt", capsys.readouterr().out, token_uris, builtin_model_dir)
+    if os.environ.get("POSTTRAIN_WRITE_GOLDEN"):
+        GOLDEN.parent.mkdir(parents=True, exist_ok=True)
+        GOLDEN.write_text(json.dumps(record, indent=1) + "\n")
+    golden = json.loads(GOLDEN.read_text())
+    if record["torch"] != golden["torch"]:
+        pytest.skip(f"golden numbers are from torch {golden['torch']}, this is {record['torch']}")
+    assert record["inputs"] == golden["inputs"], "the base model or the token shards changed, not the trainer"
+    assert record["curve"] == golden["curve"]
+    assert record == golden
