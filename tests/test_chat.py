@@ -754,3 +754,61 @@ def test_skeletons_turn_themselves_off_when_the_template_reads_the_content(monke
         "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|>")
     assert not skeletons.enabled
+
+
+# ---------------------------------------------------------------------------------------------
+# Markers that cover more than the content: they decide the labels, as transformers' mask has it
+
+MISTRAL_WITH_MARKERS = MISTRAL.replace(
+    "{%- else -%}{{- message['content'] + eos_token -}}{%- endif -%}",
+    "{%- else -%}{%- generation -%}{{- ' ' + message['content'] + eos_token -}}{%- endgeneration -%}{%- endif -%}")
+CHATML_MARKED_HEADER = CHATML_WITH_MARKERS.replace(
+    "{{- '<|im_start|>assistant\\n' -}}{%- generation -%}{{- message['content'] + '<|im_end|>' -}}",
+    "{%- generation -%}{{- '<|im_start|>assistant\\n' + message['content'] + '<|im_end|>' -}}")
+CHATML_MARKED_NEWLINE = CHATML_WITH_MARKERS.replace(
+    "{{- message['content'] + '<|im_end|>' -}}{%- endgeneration -%}{{- '\\n' -}}",
+    "{{- message['content'] + '<|im_end|>\\n' -}}{%- endgeneration -%}")
+WIDE_MARKERS = {"mistral-leading-space": (MISTRAL_WITH_MARKERS, {"bos_token": "<s>", "eos_token": "</s>"}),
+                "chatml-role-header": (CHATML_MARKED_HEADER, {}),
+                "chatml-trailing-newline": (CHATML_MARKED_NEWLINE, {})}
+
+
+@pytest.mark.parametrize("name", list(WIDE_MARKERS))
+def test_markers_that_cover_content_and_end_of_turn_decide_the_labels(name, tmp_path, monkeypatch):
+    """Where the marked span covers the content and its end-of-turn token plus more (a leading
+    space, the role header, a newline), the labels are transformers' return_assistant_tokens_mask
+    exactly, per conversation and through the batched dataset writer."""
+    from steps.chat import renderer
+
+    template, special = WIDE_MARKERS[name]
+    assert template not in (MISTRAL, CHATML_WITH_MARKERS)
+    tokenizer = byte_tokenizer(template, **special)
+    conversations = [[dict(m, train=True) for m in messages] for messages in CONVERSATIONS
+                     if messages[0]["role"] == "user" or "MISTRAL" not in name]
+    # Contents whose first character does not merge with the space before it (byte tokenizer):
+    # the content search alone would leave that space's token untrained.
+    conversations += [[user("Hi"), assistant(content)] for content in ("42", "(yes)", "\nLine", "été")]
+    alternating = [c for c in conversations if all(m["role"] == ("user", "assistant")[i % 2]
+                                                   for i, m in enumerate(c))]
+    for messages in alternating:
+        _assert_labels_equal_assistant_mask(tokenizer, messages)
+    monkeypatch.setattr(renderer._MarkerShortcut, "NUM_CHECKED", 2)  # trusted after two, as at scale
+    shard = _write_data_shard(tmp_path / "a.parquet", alternating * 3)
+    stats = tokenize_dataset(tokenizer, [shard], tmp_path / "tokens", max_seq_tokens=4096, truncation="drop")
+    rows = pq.read_table(stats["uris"][0]).to_pylist()
+    expected = [tokenizer.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in messages],
+                                              return_assistant_tokens_mask=True, return_dict=True)
+                for messages in alternating * 3]
+    documents = []
+    for row in rows:
+        starts = [i for i, p in enumerate(row["position_ids"]) if p == 0] + [len(row["position_ids"])]
+        documents += [(row["input_ids"][a:b], [int(label != -100) for label in row["labels"][a:b]])
+                      for a, b in zip(starts, starts[1:])]
+    assert len(documents) == len(expected) and sorted(documents) == sorted((ref["input_ids"], ref["assistant_masks"]) for ref in expected)
+
+
+def test_markers_that_leave_the_end_of_turn_out_do_not_decide():
+    content_only = CHATML_WITH_MARKERS.replace("message['content'] + '<|im_end|>' -}}{%- endgeneration -%}",
+                                               "message['content'] -}}{%- endgeneration -%}{{- '<|im_end|>' -}}")
+    tokenizer = byte_tokenizer(content_only)
+    assert trained_runs(tokenizer, tokenize_conversation(tokenizer, TWO_TURNS)) == ["Fine.<|im_end|>"]

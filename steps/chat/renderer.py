@@ -44,8 +44,10 @@ from steps.chat.template import (
     _render_with_markers,
     _RenderedConversation,
     _trained_mask,
-    _TrainedSpan,
     content_opaque_violation,
+    marked_conversation,
+    marked_template,
+    markers_cover,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -202,21 +204,19 @@ class _MarkerShortcut:
 
     :func:`_render_conversation` renders every trained turn's prefixes (up to three renders
     per turn) to find its text. Where the template marks the assistant's text itself, one
-    render gives every span (what ``return_assistant_tokens_mask`` uses). The marked spans
-    are used only after they gave the same trained characters as the content search on the
-    first ``NUM_CHECKED`` conversations of this process; one disagreement (say, markers that
-    leave the end-of-turn token out) and the content search is used for everything.
+    render gives every span (what ``return_assistant_tokens_mask`` uses). The marked spans are
+    the labels wherever they cover each content and its end-of-turn text (``markers_cover``:
+    a marked leading space or role header is trained, as transformers' mask has it). They are
+    trusted without the content search once they covered it on the first ``NUM_CHECKED``
+    conversations of this process; one conversation where they do not (say, markers that leave
+    the end-of-turn token out) and the content search is used for everything.
     """
 
     NUM_CHECKED = 64
 
     def __init__(self, tokenizer, skeletons: _TemplateSkeletons | None = None):
-        try:
-            template = tokenizer.get_chat_template()
-        except (ValueError, TypeError):
-            template = None
-        self.template = template
-        self.enabled = bool(template) and re.search(r"\{%-?\s*generation\s*-?%\}", template) is not None
+        self.template = marked_template(tokenizer)
+        self.enabled = self.template is not None
         self.num_agreed = 0
         self.skeletons = skeletons
         """Renders without Jinja where the template allows it (None: Jinja renders everything)."""
@@ -226,12 +226,7 @@ class _MarkerShortcut:
             text, indices = self.skeletons.render_marked(messages)
         else:
             text, indices = _render_with_markers(tokenizer, self.template, _plain_chat(messages))
-        assistant_indices = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
-        if len(indices) != len(assistant_indices):
-            return None  # blocks and assistant turns do not pair up: let the content search decide
-        spans = [_TrainedSpan(index, start, end, end) for index, (start, end) in zip(assistant_indices, indices)
-                 if messages[index].get("train") is not False]
-        return _RenderedConversation(text, spans)
+        return marked_conversation(messages, text, indices)  # None: the content search decides
 
     def render(self, tokenizer, messages: Sequence[Mapping], is_end_of_turn: _EndOfTurnCheck) -> _RenderedConversation:
         render = self.skeletons.render if self.skeletons is not None else None
@@ -242,13 +237,10 @@ class _MarkerShortcut:
             return marked
         searched = _render_conversation(tokenizer, messages, is_end_of_turn, render=render)
         if marked is not None and searched.spans:
-            def trained_characters(rendered):
-                return rendered.text, [(span.message_index, span.content_start, span.end) for span in rendered.spans]
-
-            if trained_characters(marked) == trained_characters(searched):
+            if markers_cover(marked, searched):
                 self.num_agreed += 1
-            else:
-                self.enabled = False
+                return marked
+            self.enabled = False
         return searched
 
 

@@ -144,6 +144,59 @@ def _render_with_markers(tokenizer, template: str, chat: list[dict]) -> tuple[st
     return rendered[0], [tuple(span) for span in indices[0]]
 
 
+def marked_template(tokenizer) -> str | None:
+    """The tokenizer's chat template if it has ``{% generation %}`` markers, else None."""
+    import re
+
+    try:
+        template = tokenizer.get_chat_template()
+    except (ValueError, TypeError):
+        return None
+    return template if template and re.search(r"\{%-?\s*generation\s*-?%\}", template) else None
+
+
+def marked_conversation(messages: Sequence[Mapping], text: str, indices: list[tuple[int, int]]
+                        ) -> _RenderedConversation | None:
+    """The trained spans the ``{% generation %}`` blocks mark (None when blocks and assistant turns
+    do not pair up one to one)."""
+    assistant_indices = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
+    if len(indices) != len(assistant_indices):
+        return None
+    return _RenderedConversation(text, [_TrainedSpan(index, start, end, end)
+                                        for index, (start, end) in zip(assistant_indices, indices)
+                                        if messages[index].get("train") is not False])
+
+
+def markers_cover(marked: _RenderedConversation | None, searched: _RenderedConversation) -> bool:
+    """Whether the marked spans cover each trained content *and* its end-of-turn text, as the
+    content search found them: then the markers decide the labels (transformers'
+    ``return_assistant_tokens_mask``), a leading space or a role header inside them included.
+    Markers that leave the end-of-turn token out do not cover it: the content search decides, or
+    the model would never learn to stop.
+
+        >>> searched = _RenderedConversation("[INST] Hi [/INST] Hello</s>", [_TrainedSpan(1, 18, 23, 27)])
+        >>> markers_cover(_RenderedConversation(searched.text, [_TrainedSpan(1, 17, 27, 27)]), searched)
+        True
+        >>> markers_cover(_RenderedConversation(searched.text, [_TrainedSpan(1, 17, 23, 23)]), searched)
+        False
+    """
+    if marked is None or marked.text != searched.text or len(marked.spans) != len(searched.spans):
+        return False
+    return all(m.message_index == s.message_index and m.content_start <= s.content_start and m.end >= s.end
+               for m, s in zip(marked.spans, searched.spans))
+
+
+def _render_following_markers(tokenizer, messages: Sequence[Mapping]) -> _RenderedConversation:
+    """:func:`_render_conversation`, with the ``{% generation %}`` spans instead wherever they
+    cover the contents and their end-of-turn text (:func:`markers_cover`)."""
+    searched = _render_conversation(tokenizer, messages)
+    template = marked_template(tokenizer)
+    if template is None or not searched.spans:
+        return searched
+    marked = marked_conversation(messages, *_render_with_markers(tokenizer, template, _plain_chat(messages)))
+    return marked if markers_cover(marked, searched) else searched
+
+
 # ---------------------------------------------------------------------------------------------
 # Template analysis: does a template only print each content? (the renderer's skeletons need it)
 
@@ -533,7 +586,7 @@ def tokenize_conversation(tokenizer, messages: Sequence[Mapping], max_tokens: in
             text into a trained turn's tokens.
     """
     _check_tokenizer(tokenizer, truncation)
-    rendered = _render_conversation(tokenizer, messages)
+    rendered = _render_following_markers(tokenizer, messages)
     (encoding,) = _encode(tokenizer, [rendered.text])
     input_ids = encoding.ids
     trained, turn_token_ends = _trained_mask(rendered, encoding, tokenizer)
