@@ -16,15 +16,22 @@ Layout under a run's checkpoint root::
 A checkpoint is written under a temporary name and renamed into place only when complete,
 so a crash mid-write leaves nothing that :func:`latest_checkpoint` would return. The step
 number in the folder name is the data cursor: step ``K`` resumes with the rows of step ``K``.
+
+``trainer_state.json`` also lists every other file of the checkpoint with its sha256 and size
+(``files``). Resume verifies them (:func:`problem_of`): a truncated, corrupted or incomplete
+latest checkpoint is skipped with a warning naming it and why, and the newest sound one is
+used; when none is, the error names every candidate and its problem.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 
 STATE_FILE = "trainer_state.json"
@@ -43,7 +50,9 @@ def begin(root: Path, step: int) -> Path:
 
 
 def commit(tmp: Path, step: int, trainer_state: dict) -> Path:
-    """Write the trainer state last, then atomically publish ``tmp`` as ``step-NNNNNN``."""
+    """Write the trainer state last, with the checksum of every other file, then atomically
+    publish ``tmp`` as ``step-NNNNNN``."""
+    trainer_state = {**trainer_state, "files": file_checksums(tmp)}
     (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
     final = tmp.parent / step_dir_name(step)
     if final.exists():  # a re-run of the same step (resume after a crash past the rename)
@@ -70,19 +79,88 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
 
 
-def latest_checkpoint(roots: list[Path]) -> Path | None:
-    """The resumable checkpoint with the highest step over several roots (a run and its origins).
+class NoUsableCheckpoint(RuntimeError):
+    """Checkpoints exist, but none is sound; the message names each and its problem."""
 
-    Checkpoints whose resume state :func:`prune` dropped (weights only) are skipped.
+
+def latest_checkpoint(roots: list[Path]) -> Path | None:
+    """The sound resumable checkpoint with the highest step over several roots (a run and its
+    origins); None when there is no checkpoint at all.
+
+    Checkpoints whose resume state :func:`prune` dropped (weights only) are passed over. A newer
+    checkpoint with a problem (:func:`problem_of`) is skipped with a warning that names it.
+
+    Raises:
+        NoUsableCheckpoint: there are checkpoints, and every one has a problem.
     """
-    best = None
-    for root in roots:
-        for ckpt in list_checkpoints(Path(root)):
-            if not is_resumable(ckpt):
-                continue
-            if best is None or checkpoint_step(ckpt) > checkpoint_step(best):
-                best = ckpt
-    return best
+    candidates = sorted({ckpt.resolve() for root in roots for ckpt in list_checkpoints(Path(root))},
+                        key=checkpoint_step, reverse=True)
+    problems = []
+    for ckpt in candidates:
+        problem = problem_of(ckpt)
+        if problem == _WEIGHTS_ONLY:
+            continue
+        if problem is None:
+            return ckpt
+        warnings.warn(f"skipping checkpoint {ckpt}: {problem}", stacklevel=2)
+        problems.append(f"{ckpt}: {problem}")
+    if problems:
+        raise NoUsableCheckpoint("no checkpoint to resume from is sound:\n  " + "\n  ".join(problems))
+    return None
+
+
+_WEIGHTS_ONLY = "its resume state was pruned (weights only)"
+
+
+def problem_of(path: Path) -> str | None:
+    """Why a complete checkpoint cannot be resumed from, or None when it is sound.
+
+    Its ``trainer_state.json`` must parse and every file it lists must be there with its size
+    and sha256 (checkpoints written before the list existed need the trainer files and weights).
+    """
+    path = Path(path)
+    try:
+        state = read_state(path)
+    except (OSError, ValueError) as error:
+        return f"{STATE_FILE} is unreadable ({type(error).__name__}: {str(error)[:80]})"
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        return f"{STATE_FILE} has no step"
+    if state.get("weights_only"):
+        return _WEIGHTS_ONLY
+    files = state.get("files")
+    if files is None:  # written before checksums: check what resume needs is there
+        has_optimizer = any((path / name).exists() for name in ("optimizer.pt", "optimizer", DEEPSPEED_DIR))
+        missing = ([] if has_optimizer else ["the optimizer state"]) + \
+            ([] if (path / "scheduler.pt").is_file() else ["scheduler.pt"]) + \
+            ([] if any(p.suffix == ".safetensors" for p in model_files(path)) else ["the model weights"])
+        return f"missing {', '.join(missing)}" if missing else None
+    for relpath, expected in sorted(files.items()):
+        target = path / relpath
+        if ".." in Path(relpath).parts or Path(relpath).is_absolute():
+            return f"{STATE_FILE} lists a path outside the checkpoint: {relpath!r}"
+        if not target.is_file():
+            return f"{relpath} is missing"
+        if target.stat().st_size != expected.get("bytes"):
+            return f"{relpath} has {target.stat().st_size} bytes, {expected.get('bytes')} were written (truncated?)"
+        if _sha256(target) != expected.get("sha256"):
+            return f"{relpath} does not match the sha256 written with it (corrupted)"
+    return None
+
+
+def file_checksums(folder: Path) -> dict[str, dict]:
+    """``{relpath: {"sha256", "bytes"}}`` of every file under ``folder`` but the trainer state."""
+    folder = Path(folder)
+    return {p.relative_to(folder).as_posix(): {"sha256": _sha256(p), "bytes": p.stat().st_size}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != STATE_FILE
+            and not p.name.startswith(f".{STATE_FILE}.")}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as reader:
+        while chunk := reader.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def checkpoint_step(path: Path) -> int:
@@ -279,6 +357,10 @@ def prune(root: Path, keep_last: int, needed: set[str] = frozenset(), *, keep_we
             shutil.rmtree(p, ignore_errors=True)
             continue
         state = {**read_state(p), "weights_only": True}
+        dropped = {item.relative_to(p).as_posix() for item in resume_state_files(p)}
+        if "files" in state:  # the weights stay listed (and checked); the dropped state does not
+            state["files"] = {rel: entry for rel, entry in state["files"].items()
+                              if not any(rel == d or rel.startswith(d + "/") for d in dropped)}
         marked = p / f".{STATE_FILE}.{uuid.uuid4().hex[:8]}"
         marked.write_text(json.dumps(state, indent=1))
         os.replace(marked, p / STATE_FILE)
