@@ -246,12 +246,12 @@ def registry_version_metrics(registry_root: str, model_name: str, version_or_ali
     The cards use it for the champion row of the metrics table: ``"champion"`` before a
     registration, or the ``champion_version`` of the gate's decision after it.
     """
-    from steps.registry import NotFoundError, Registry
+    from steps.registry import RegistryError, Registry
 
     if version_or_alias is None:
         return None
     try:
         version = Registry(registry_root).get(model_name, version_or_alias)
-    except NotFoundError:
+    except RegistryError:  # none yet, or a broken manifest: the card shows no champion row
         return None
     return {"version": version.version, "metrics": dict(version.manifest.get("metrics") or {})}

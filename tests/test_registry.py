@@ -181,6 +181,9 @@ def test_tampered_file_makes_download_raise_naming_the_file(root, tmp_path):
     assert caught.value.expected_sha256 == sha256_of(b"{}")
     assert caught.value.actual_sha256 == sha256_of(b"{ }")
     assert not (tmp_path / "pulled" / "tokenizer" / "tokenizer.json").exists()
+    # Nothing at all lands: the pull went to a staging folder, removed on the mismatch.
+    assert not (tmp_path / "pulled").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".pulled")] == []
     with pytest.raises(ChecksumMismatch, match="tokenizer/tokenizer.json"):
         registry.verify("tiny", 1)
 
@@ -195,6 +198,7 @@ def test_download_copies_files_and_manifest(root, tmp_path):
     ]
     assert (pulled / "config.json").read_bytes() == CONFIG_BYTES
     assert json.loads((pulled / "manifest.json").read_text()) == version.manifest
+    assert [p.name for p in tmp_path.iterdir() if ".partial-" in p.name] == []  # no staging folder left
     # Registering a pulled copy again does not take its old manifest as a model file.
     again = registry.register("tiny", pulled, {})
     assert again.version == 2
