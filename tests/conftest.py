@@ -260,3 +260,44 @@ def default_run(tmp_path_factory) -> FinishedRun:
     making runs of their own.
     """
     return _start_default_run(tmp_path_factory).wait()
+
+
+# --------------------------------------------------------------------------------------------
+# Ingest accounting: every ingest that a test_ingest* module runs is checked
+
+
+def check_ingest_accounting(manifest: dict) -> list[dict]:
+    """records read = distinct valid (kept, or left out by a weight below 1) + duplicates +
+    rejects, and every reject names a reason, a detail and its line or row. Returns the rejects."""
+    import json as json_
+
+    with open(manifest["rejects_uri"], encoding="utf-8") as handle:
+        rejects = [json_.loads(line) for line in handle]
+    assert manifest["num_records_read"] == manifest["num_valid"] + manifest["num_duplicates"] + len(rejects), manifest
+    assert manifest["num_rejected"] == len(rejects) == sum(manifest["reject_reasons"].values())
+    assert sum(source["num_read"] for source in manifest["sources"]) == manifest["num_records_read"]
+    for reject in rejects:
+        assert reject["reason"] and reject["detail"] and reject["source"], reject
+        assert isinstance(reject["position"], int) and reject["position"] >= 0, reject
+    return rejects
+
+
+@pytest.fixture(autouse=True)
+def _ingest_accounting_is_checked(request, monkeypatch):
+    """In the ingest test modules, every call of ``steps.ingest.ingest`` checks its accounting."""
+    if not request.module.__name__.startswith("test_ingest"):
+        yield
+        return
+    import steps.ingest
+
+    original = steps.ingest.ingest
+
+    def checked(*args, **kwargs):
+        manifest = original(*args, **kwargs)
+        check_ingest_accounting(manifest)
+        return manifest
+
+    monkeypatch.setattr(steps.ingest, "ingest", checked)
+    if getattr(request.module, "ingest", None) is original:
+        monkeypatch.setattr(request.module, "ingest", checked)
+    yield
