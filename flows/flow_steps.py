@@ -184,12 +184,11 @@ def evaluate(flow, heldout=None) -> dict:
                                      num_parallel_tasks=len(flow.eval_targets), **kwargs)
 
 
-def champion_metrics(spec, version_or_alias=None) -> dict | None:
-    """``{"version", "metrics"}`` of the registry's champion (``promote.alias``) or of a version."""
+def champion_metrics(spec) -> dict | None:
+    """``{"version", "metrics"}`` of the registry's champion (``promote.alias``), None if there is none."""
     from steps import cards
 
-    return cards.registry_version_metrics(spec.registry_root, spec.register.model_name,
-                                          spec.promote.alias if version_or_alias is None else version_or_alias)
+    return cards.registry_version_metrics(spec.registry_root, spec.register.model_name, spec.promote.alias)
 
 
 def join_evaluate(spec, rows: list[dict], champion: dict | None, extra_metrics: tuple[str, ...] = ()) -> dict:
@@ -216,8 +215,8 @@ def register(spec, best: dict, eval_metrics: list[dict], lineage_: dict, dataset
 
     version = publish.register_best(spec, best, eval_metrics, lineage_, dataset_manifest, run_root_)
     promotion = publish.promote(spec, version, current.pathspec)
-    if champion is None:
-        champion = champion_metrics(spec, promotion["champion_version"])
+    if champion is None:  # the champion the gate compared with (None on a first registration)
+        champion = cards.registry_version_metrics(spec.registry_root, version.name, promotion["champion_version"])
     show(cards.register_card(version.name, version.version, version.uri, eval_metrics, best, promotion, champion,
                              extra_metrics))
     return version.name, version.version, version.uri, promotion

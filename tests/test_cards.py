@@ -123,7 +123,7 @@ def test_every_card_renders_from_a_real_runs_artifacts_with_the_one_metric_list(
     assert all(key in data.best_checkpoint for key in METRICS), sorted(data.best_checkpoint)
     # The card Metaflow stored for join_evaluate shows every metric (assistant_token_accuracy included).
     stored = [c for c in card_components(card_html(run["join_evaluate"].task)[0]) if c["type"] == "table"]
-    assert stored and all(key in stored[0]["headers"] for key in METRICS), stored[0]["headers"]
+    assert stored and all(key in stored[0]["columns"] for key in METRICS), stored[0]["columns"]
 
     plotted = {}
 
