@@ -501,6 +501,9 @@ class Recipe:
     dpo: DPOConfig = field(default_factory=DPOConfig)
 
     def __post_init__(self) -> None:
+        _check(not (self.storage or "").startswith("s3://"), "storage",
+               "a local folder every node mounts (run storage on s3:// is not supported yet; the registry and "
+               "data sources may be on s3://)", self.storage)
         self.model.validate("model")
         self.data.validate("data")
         self.tokenize.validate("tokenize")
@@ -525,6 +528,10 @@ class Recipe:
     def storage_root(self) -> str:
         """The resolved storage root (recipe, then ``$POSTTRAIN_STORAGE``, then ``./.posttrain``)."""
         root = self.storage or os.environ.get("POSTTRAIN_STORAGE") or ".posttrain"
+        if root.startswith("s3://"):  # Path() would make it a local folder named "s3:"
+            raise RecipeError(f"run storage on s3:// is not supported yet ({root!r}): set `storage` (or "
+                              "$POSTTRAIN_STORAGE) to a folder every node mounts; the registry and data sources "
+                              "may be on s3://")
         return str(Path(root).expanduser().resolve())
 
     @property

@@ -186,3 +186,11 @@ def test_a_bad_recipe_stops_the_flow_before_any_task_with_every_problem_and_no_t
         for line in ("recipe has unknown field 'trian'", "recipe field 'train.lr' must be > 0, got -0.001",
                      "recipe field 'data.sources[0].uri' names no file or folder: 'data/typo.jsonl'"):
             assert line in text, text
+
+
+def test_run_storage_on_s3_is_refused_instead_of_becoming_a_local_folder_named_s3(monkeypatch):
+    with pytest.raises(RecipeError, match="recipe field 'storage' must be a local folder every node mounts"):
+        recipe_from_dict({"storage": "s3://bucket/runs"})
+    monkeypatch.setenv("POSTTRAIN_STORAGE", "s3://bucket/runs")
+    with pytest.raises(RecipeError, match=r"run storage on s3:// is not supported yet \('s3://bucket/runs'\)"):
+        recipe_from_dict({}).storage_root
