@@ -2,6 +2,7 @@
 the adapter and registers as a merged plain model; FSDP2 equals DDP and resumes exactly; failure
 injections fire once; a killed rank fails the launch fast, naming the rank; retention."""
 
+import hashlib
 import re
 import time
 from pathlib import Path
@@ -199,9 +200,12 @@ def test_prune_keeping_weights_drops_only_the_resume_state(tmp_path):
     assert [p.name for p in pruned] == ["step-000010", "step-000020"]
     for ckpt in pruned:
         assert sorted(p.name for p in ckpt.iterdir()) == ["config.json", "model.safetensors", "trainer_state.json"]
+        # The checksums of the kept weights stay (and still verify); the dropped state's are gone.
+        kept = {name: {"sha256": hashlib.sha256(name.encode()).hexdigest(), "bytes": len(name)}
+                for name in ("config.json", "model.safetensors")}
         assert checkpoint.read_state(ckpt) == {"step": checkpoint.checkpoint_step(ckpt),
                                                "train_curve": [{"step": checkpoint.checkpoint_step(ckpt)}],
-                                               "weights_only": True}
+                                               "files": kept, "weights_only": True}
     assert checkpoint.latest_checkpoint([tmp_path]).name == "step-000030"
     assert checkpoint.prune(tmp_path, 1, keep_weights=True) == []  # already stripped: nothing new
     # A newer checkpoint moves the resume state on: step 30 keeps only its weights now.
