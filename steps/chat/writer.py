@@ -164,6 +164,18 @@ def _label_batch_in_worker(job: tuple) -> tuple:
     return context, _label_batch(_WORKER_SETTINGS, sequences)
 
 
+def _start_method() -> str:
+    """``fork`` (fast: the workers share the parent's tokenizer) unless this process has torch
+    loaded: a process that has run torch holds OpenMP and allocator threads, and a child forked
+    from it can deadlock on a lock one of them held (seen: the DPO tokenize step, which scores
+    rows with the reference model between two pools). Then ``forkserver`` (``spawn`` off POSIX)."""
+    import sys
+
+    if os.name != "posix":
+        return "spawn"
+    return "forkserver" if "torch" in sys.modules else "fork"
+
+
 class _BatchLabeller:
     """Runs ``steps.chat.renderer._label_batch`` over jobs ``(context, sequences)``, in this process or in a pool.
 
@@ -200,7 +212,7 @@ class _BatchLabeller:
         if self.num_workers > 1:
             import multiprocessing
 
-            self.pool = multiprocessing.get_context("fork" if os.name == "posix" else "spawn").Pool(
+            self.pool = multiprocessing.get_context(_start_method()).Pool(
                 self.num_workers, initializer=_init_worker, initargs=(self.settings,))
         return self
 
